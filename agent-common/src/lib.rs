@@ -1,0 +1,123 @@
+//! Types shared by Egret's kernel programs and its agent: map names, keys, values,
+//! verdicts and drop reasons.
+//!
+//! Every map name carries its layout version (`_V1`). When a key or value layout
+//! changes, the name changes with it, so an upgraded agent never reads a pinned map
+//! of the old layout as if it were the new one.
+#![no_std]
+
+pub mod maps;
+
+/// What happened to a packet.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    Allow = 0,
+    Deny = 1,
+    /// A denial that audit mode turned into a counted pass.
+    AuditDeny = 2,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::AuditDeny];
+
+    #[must_use]
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| *v as u8 == value)
+    }
+}
+
+/// Why a packet got its verdict. Allow reasons and deny reasons share one space so a
+/// counter key is one `(endpoint, verdict, reason)` triple.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// The endpoint is not isolated for egress: it may send anything.
+    NotIsolated = 0,
+    /// A policy rule allows the destination, protocol and port.
+    PolicyAllows = 1,
+    /// Not IP, or IPv6 neighbour discovery / multicast listener traffic.
+    NotFiltered = 2,
+    /// A reply of a connection the endpoint accepted, or a packet of a flow already allowed.
+    Conntrack = 3,
+    /// Isolated, and no rule of any policy selecting the endpoint allows the packet.
+    NoRuleAllows = 10,
+    /// The source address is not one of the endpoint's addresses.
+    SpoofedSource = 11,
+    /// The packet arrived on an interface or cgroup the agent has no policy for yet,
+    /// and the unknown-pod default is deny.
+    UnknownEndpoint = 12,
+    /// The endpoint's tables did not fit in the maps: it fails closed.
+    TableOverflow = 13,
+    /// A non-first IPv4 fragment whose first fragment was not seen or was denied.
+    Fragment = 14,
+    /// Too short or malformed to read the headers the verdict needs.
+    Malformed = 15,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::NotIsolated,
+        Reason::PolicyAllows,
+        Reason::NotFiltered,
+        Reason::Conntrack,
+        Reason::NoRuleAllows,
+        Reason::SpoofedSource,
+        Reason::UnknownEndpoint,
+        Reason::TableOverflow,
+        Reason::Fragment,
+        Reason::Malformed,
+    ];
+
+    #[must_use]
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u8 == value)
+    }
+
+    /// The label value used in metrics and logs.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::NotIsolated => "not_isolated",
+            Reason::PolicyAllows => "policy",
+            Reason::NotFiltered => "not_filtered",
+            Reason::Conntrack => "conntrack",
+            Reason::NoRuleAllows => "no_rule_allows",
+            Reason::SpoofedSource => "spoofed_source",
+            Reason::UnknownEndpoint => "unknown_endpoint",
+            Reason::TableOverflow => "table_overflow",
+            Reason::Fragment => "fragment",
+            Reason::Malformed => "malformed",
+        }
+    }
+}
+
+/// IP protocol numbers the tables distinguish.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// The verdict for a packet of an isolated endpoint, from the endpoint's flags and the
+/// `POLICY_ALLOW_*` flags its lookups found. Shared by the kernel programs and the
+/// agent's model of them, so both decide alike.
+///
+/// Enforce-mode policies decide what drops; audit-mode policies only decide what is
+/// counted as an audit denial, so staging a policy never drops anything because of it.
+#[must_use]
+pub fn policy_verdict(endpoint_flags: u32, allowed: u32) -> (Verdict, Reason) {
+    use maps::{ENDPOINT_FLAG_ISOLATED_ENFORCED, POLICY_ALLOW_AUDITED, POLICY_ALLOW_ENFORCED};
+    let allowed_by_enforced = endpoint_flags & ENDPOINT_FLAG_ISOLATED_ENFORCED == 0
+        || allowed & POLICY_ALLOW_ENFORCED != 0;
+    let allowed_by_any = allowed & (POLICY_ALLOW_ENFORCED | POLICY_ALLOW_AUDITED) != 0;
+    if !allowed_by_enforced {
+        (Verdict::Deny, Reason::NoRuleAllows)
+    } else if !allowed_by_any {
+        (Verdict::AuditDeny, Reason::NoRuleAllows)
+    } else {
+        (Verdict::Allow, Reason::PolicyAllows)
+    }
+}

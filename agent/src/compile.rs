@@ -1,0 +1,418 @@
+//! Snapshot -> the tables the kernel holds for one node. Pure and deterministic: the
+//! same snapshot, node and previous [`Ids`] always give the same tables.
+//!
+//! Layout (see `egret_common::maps`): pods are grouped into identities (namespace,
+//! labels, named ports); a global table maps each pod address to its identity, and each
+//! local endpoint gets policy entries per identity it may reach. ipBlocks and "any
+//! destination" rules become per-endpoint CIDR classes. Nothing is stored per
+//! (local pod x peer pod), so a pod joining a big namespace is one identity write.
+
+mod cidr;
+mod ids;
+pub mod lookup;
+mod ports;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use egret_common::maps::{
+    CIDR_CLASS_BIT, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6, ENDPOINT_FLAG_ISOLATED_AUDITED,
+    ENDPOINT_FLAG_ISOLATED_ENFORCED, POLICY_ALLOW_AUDITED, POLICY_ALLOW_ENFORCED,
+};
+use ipnet::IpNet;
+
+pub use self::{
+    ids::{Allocator, Ids},
+    ports::PortPrefix,
+};
+use crate::{
+    policy::{
+        Labels, Mode, NamedPort, NetworkPolicy, Peer, PodView, PolicyRef, PortMatch, PortSpec,
+    },
+    state::{ObjectKey, Pod, Snapshot},
+};
+
+/// Pods with equal identity keys are interchangeable for every policy.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdentityKey {
+    pub namespace: String,
+    pub labels: Labels,
+    /// Sorted, so equal sets compare equal.
+    pub named_ports: Vec<NamedPort>,
+}
+
+impl IdentityKey {
+    fn of(pod: &Pod) -> Self {
+        let mut named_ports = pod.named_ports.clone();
+        named_ports.sort();
+        named_ports.dedup();
+        Self {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            named_ports,
+        }
+    }
+}
+
+impl PodView for IdentityKey {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn labels(&self) -> &Labels {
+        &self.labels
+    }
+}
+
+/// A local pod's entry: what the kernel keys by interface (or cgroup).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointEntry {
+    pub id: u32,
+    /// `ENDPOINT_FLAG_*` bits.
+    pub flags: u32,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// Policies that select the pod for egress; empty when it is not isolated.
+    pub isolated_by: BTreeSet<PolicyRef>,
+}
+
+/// A policy table entry's key: endpoint, identity (or CIDR class), protocol and ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyEntryKey {
+    pub endpoint: u32,
+    pub identity: u32,
+    pub ports: PortPrefix,
+}
+
+/// What an entry allows, and (userspace only) which policies' rules allow it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Allowance {
+    /// `POLICY_ALLOW_*` bits, including those of every shorter entry covering this one.
+    pub flags: u32,
+    pub policies: BTreeSet<PolicyRef>,
+}
+
+impl Allowance {
+    fn merge(&mut self, other: &Allowance) {
+        self.flags |= other.flags;
+        self.policies.extend(other.policies.iter().cloned());
+    }
+}
+
+/// Port prefix -> allowance, for one (endpoint, identity or class).
+pub type Grants = BTreeMap<PortPrefix, Allowance>;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub endpoints: BTreeMap<ObjectKey, EndpointEntry>,
+    /// Pod address -> identity, for every pod in the cluster that takes part in policy.
+    pub identities: BTreeMap<IpAddr, u32>,
+    /// (endpoint, network) -> CIDR class (an identity with `CIDR_CLASS_BIT` set).
+    pub cidrs: BTreeMap<(u32, IpNet), u32>,
+    pub policy: BTreeMap<PolicyEntryKey, Allowance>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub tables: Tables,
+    /// Pass back in next time so unchanged things keep their numbers.
+    pub ids: Ids,
+    /// Pods whose address another pod already claims; the first (by name) keeps it.
+    pub address_conflicts: Vec<(ObjectKey, IpAddr)>,
+}
+
+/// Which pods get endpoint tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The pods scheduled on this node (the agent).
+    Node(String),
+    /// Every pod (simulation).
+    Cluster,
+}
+
+impl Scope {
+    fn includes(&self, pod: &Pod) -> bool {
+        match self {
+            Scope::Node(node) => pod.node_name.as_deref() == Some(node.as_str()),
+            Scope::Cluster => true,
+        }
+    }
+}
+
+/// Compiles the snapshot for the pods in `scope`.
+#[must_use]
+pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
+    let mut compiled = Compiled::default();
+    let peers: Vec<&Pod> = snapshot
+        .pods
+        .values()
+        .filter(|pod| pod.takes_part())
+        .collect();
+
+    let identity_keys: BTreeSet<IdentityKey> =
+        peers.iter().map(|pod| IdentityKey::of(pod)).collect();
+    compiled.ids.identities = previous
+        .identities
+        .reassign(identity_keys.iter().cloned(), 1);
+    let identities: Vec<(u32, &IdentityKey)> = identity_keys
+        .iter()
+        .map(|key| (compiled.ids.identities.id(key), key))
+        .collect();
+    // The first pod (by namespace/name) that claims an address keeps it, as
+    // `Snapshot::pod_by_ip` does.
+    let mut owners: BTreeMap<IpAddr, &Pod> = BTreeMap::new();
+    for pod in &peers {
+        let identity = compiled.ids.identities.id(&IdentityKey::of(pod));
+        for ip in &pod.ips {
+            if owners.contains_key(ip) {
+                compiled.address_conflicts.push((pod.key(), *ip));
+            } else {
+                owners.insert(*ip, pod);
+                compiled.tables.identities.insert(*ip, identity);
+            }
+        }
+    }
+
+    let local: Vec<&Pod> = peers
+        .iter()
+        .copied()
+        .filter(|pod| scope.includes(pod))
+        .collect();
+    compiled.ids.endpoints = previous
+        .endpoints
+        .reassign(local.iter().map(|pod| pod.key()), 1);
+
+    let mut class_grants: BTreeMap<ObjectKey, Vec<(IpNet, Grants)>> = BTreeMap::new();
+    for pod in &local {
+        let endpoint = compiled.ids.endpoints.id(&pod.key());
+        let program = EndpointProgram::build(snapshot, &owners, &identities, pod);
+        compiled.tables.endpoints.insert(
+            pod.key(),
+            EndpointEntry {
+                id: endpoint,
+                flags: program.flags | address_flags(pod),
+                ipv4: pod.ipv4(),
+                ipv6: pod.ipv6(),
+                isolated_by: program.isolated_by,
+            },
+        );
+        for (identity, grants) in program.identity_grants {
+            insert_grants(&mut compiled.tables.policy, endpoint, identity, &grants);
+        }
+        class_grants.insert(pod.key(), cidr::classes(&program.blocks));
+    }
+
+    // Classes are numbered by content, so an unchanged class keeps its number and a
+    // number is never reused for a different meaning within one update.
+    let signatures = class_grants
+        .values()
+        .flatten()
+        .map(|(_, grants)| grants.clone());
+    compiled.ids.classes = previous.classes.reassign(signatures, 1);
+    for (pod, classes) in &class_grants {
+        let endpoint = compiled.ids.endpoints.id(pod);
+        for (net, grants) in classes {
+            let class = CIDR_CLASS_BIT | compiled.ids.classes.id(grants);
+            compiled.tables.cidrs.insert((endpoint, *net), class);
+            insert_grants(&mut compiled.tables.policy, endpoint, class, grants);
+        }
+    }
+    compiled
+}
+
+fn address_flags(pod: &Pod) -> u32 {
+    let mut flags = 0;
+    if pod.ipv4().is_some() {
+        flags |= ENDPOINT_FLAG_HAS_IPV4;
+    }
+    if pod.ipv6().is_some() {
+        flags |= ENDPOINT_FLAG_HAS_IPV6;
+    }
+    flags
+}
+
+fn insert_grants(
+    policy: &mut BTreeMap<PolicyEntryKey, Allowance>,
+    endpoint: u32,
+    identity: u32,
+    grants: &Grants,
+) {
+    for (ports, allowance) in grants {
+        policy.insert(
+            PolicyEntryKey {
+                endpoint,
+                identity,
+                ports: *ports,
+            },
+            allowance.clone(),
+        );
+    }
+}
+
+/// One address range an endpoint's rules allow, with what they allow there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockGrant {
+    pub net: IpNet,
+    pub except: Vec<IpNet>,
+    pub grants: Grants,
+}
+
+/// Everything one local endpoint may send, before it is laid out in tables.
+struct EndpointProgram {
+    flags: u32,
+    isolated_by: BTreeSet<PolicyRef>,
+    identity_grants: BTreeMap<u32, Grants>,
+    blocks: Vec<BlockGrant>,
+}
+
+impl EndpointProgram {
+    fn build(
+        snapshot: &Snapshot,
+        owners: &BTreeMap<IpAddr, &Pod>,
+        identities: &[(u32, &IdentityKey)],
+        pod: &Pod,
+    ) -> Self {
+        let mut program = EndpointProgram {
+            flags: 0,
+            isolated_by: BTreeSet::new(),
+            identity_grants: BTreeMap::new(),
+            blocks: Vec::new(),
+        };
+        let selecting = snapshot
+            .policies
+            .values()
+            .filter(|p| p.isolates_egress && p.selects(pod));
+        for policy in selecting {
+            program.isolated_by.insert(policy.id.clone());
+            program.flags |= match policy.mode {
+                Mode::Enforce => ENDPOINT_FLAG_ISOLATED_ENFORCED,
+                Mode::Audit => ENDPOINT_FLAG_ISOLATED_AUDITED,
+            };
+            program.add_policy(snapshot, owners, identities, policy);
+        }
+        for grants in program.identity_grants.values_mut() {
+            ports::close_over_prefixes(grants);
+        }
+        program
+    }
+
+    fn add_policy(
+        &mut self,
+        snapshot: &Snapshot,
+        owners: &BTreeMap<IpAddr, &Pod>,
+        identities: &[(u32, &IdentityKey)],
+        policy: &NetworkPolicy,
+    ) {
+        let allowance = Allowance {
+            flags: match policy.mode {
+                Mode::Enforce => POLICY_ALLOW_ENFORCED,
+                Mode::Audit => POLICY_ALLOW_AUDITED,
+            },
+            policies: BTreeSet::from([policy.id.clone()]),
+        };
+        for rule in &policy.egress {
+            let has_named = rule
+                .ports
+                .iter()
+                .any(|p| matches!(p.port, PortSpec::Named(_)));
+            // Addresses that are not pods match no named port.
+            let unnamed = grants_for(&rule.ports, None, &allowance);
+            let named_on = |named_ports: &[NamedPort]| {
+                let named: Vec<PortMatch> = rule
+                    .ports
+                    .iter()
+                    .filter(|p| matches!(p.port, PortSpec::Named(_)))
+                    .cloned()
+                    .collect();
+                grants_for(&named, Some(named_ports), &allowance)
+            };
+            if rule.to.is_empty() {
+                for net in ["0.0.0.0/0", "::/0"] {
+                    let net = net.parse().expect("literal network");
+                    self.add_block(net, Vec::new(), &unnamed);
+                }
+                if has_named {
+                    for (identity, key) in identities {
+                        self.add_identity(*identity, &named_on(&key.named_ports));
+                    }
+                }
+            }
+            for peer in &rule.to {
+                match peer {
+                    Peer::Block(block) => {
+                        self.add_block(block.cidr, block.except.clone(), &unnamed);
+                        if has_named {
+                            // A named port in an ipBlock rule resolves on the pods inside it.
+                            for (ip, owner) in owners.iter().filter(|(ip, _)| block.contains(**ip))
+                            {
+                                let grants = named_on(&owner.named_ports);
+                                self.add_block(IpNet::from(*ip), Vec::new(), &grants);
+                            }
+                        }
+                    }
+                    Peer::Pods(selector) => {
+                        for (identity, key) in identities {
+                            let namespace_labels = snapshot.namespace_labels(&key.namespace);
+                            if selector.matches(&policy.id.namespace, *key, &namespace_labels) {
+                                let grants =
+                                    grants_for(&rule.ports, Some(&key.named_ports), &allowance);
+                                self.add_identity(*identity, &grants);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_identity(&mut self, identity: u32, grants: &Grants) {
+        if grants.is_empty() {
+            return;
+        }
+        let entry = self.identity_grants.entry(identity).or_default();
+        merge_grants(entry, grants);
+    }
+
+    fn add_block(&mut self, net: IpNet, except: Vec<IpNet>, grants: &Grants) {
+        if grants.is_empty() {
+            return;
+        }
+        self.blocks.push(BlockGrant {
+            net,
+            except,
+            grants: grants.clone(),
+        });
+    }
+}
+
+fn merge_grants(into: &mut Grants, from: &Grants) {
+    for (ports, allowance) in from {
+        into.entry(*ports).or_default().merge(allowance);
+    }
+}
+
+/// The port prefixes a rule's `ports` allow on a destination with `named_ports`
+/// (`None`: not a pod). Empty `ports` allows every protocol and port.
+fn grants_for(
+    ports: &[PortMatch],
+    named_ports: Option<&[NamedPort]>,
+    allowance: &Allowance,
+) -> Grants {
+    let mut grants = Grants::new();
+    let prefixes: Vec<PortPrefix> = if ports.is_empty() {
+        vec![PortPrefix::AnyProtocol]
+    } else {
+        ports
+            .iter()
+            .flat_map(|p| ports::prefixes_of(p, named_ports))
+            .collect()
+    };
+    for prefix in prefixes {
+        grants.entry(prefix).or_default().merge(allowance);
+    }
+    grants
+}

@@ -1,0 +1,111 @@
+//! The kernel's lookup, done in userspace on the compiled tables: the same identity
+//! lookup, CIDR longest match and policy longest match, and the same verdict function
+//! (`egret_common::policy_verdict`). `egret simulate` and `explain` answer with it, so
+//! their answers are the tables' answers.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use egret_common::{
+    Reason, Verdict,
+    maps::{ENDPOINT_FLAG_ISOLATED_AUDITED, ENDPOINT_FLAG_ISOLATED_ENFORCED},
+    proto,
+};
+use ipnet::IpNet;
+
+use super::{Allowance, EndpointEntry, PolicyEntryKey, PortPrefix, Tables};
+use crate::policy::PolicyRef;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
+    /// Policies whose rules allow the packet (from the entries the lookups found).
+    pub allowed_by: BTreeSet<PolicyRef>,
+}
+
+/// The verdict for a packet `endpoint` sends to `dst` (`protocol` number, destination
+/// `port`; 0 for protocols without ports).
+#[must_use]
+pub fn decide(
+    tables: &Tables,
+    endpoint: &EndpointEntry,
+    dst: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Decision {
+    let is_isolated =
+        endpoint.flags & (ENDPOINT_FLAG_ISOLATED_ENFORCED | ENDPOINT_FLAG_ISOLATED_AUDITED) != 0;
+    if !is_isolated {
+        return Decision {
+            verdict: Verdict::Allow,
+            reason: Reason::NotIsolated,
+            allowed_by: BTreeSet::new(),
+        };
+    }
+    let mut found = Allowance::default();
+    if let Some(identity) = tables.identities.get(&dst) {
+        if let Some(allowance) = policy_match(tables, endpoint.id, *identity, protocol, port) {
+            found.merge(allowance);
+        }
+    }
+    if let Some(class) = cidr_match(tables, endpoint.id, dst) {
+        if let Some(allowance) = policy_match(tables, endpoint.id, class, protocol, port) {
+            found.merge(allowance);
+        }
+    }
+    let (verdict, reason) = egret_common::policy_verdict(endpoint.flags, found.flags);
+    Decision {
+        verdict,
+        reason,
+        allowed_by: found.policies,
+    }
+}
+
+/// Longest match in the endpoint's CIDR table.
+fn cidr_match(tables: &Tables, endpoint: u32, dst: IpAddr) -> Option<u32> {
+    let max = match dst {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    (0..=max).rev().find_map(|len| {
+        let net = IpNet::new(dst, len)
+            .expect("length within the family")
+            .trunc();
+        tables.cidrs.get(&(endpoint, net)).copied()
+    })
+}
+
+/// Longest match in the policy table, as the kernel keys it: ports only for TCP, UDP
+/// and SCTP; other protocols match "whole protocol" and "any protocol" entries.
+fn policy_match(
+    tables: &Tables,
+    endpoint: u32,
+    identity: u32,
+    protocol: u8,
+    port: u16,
+) -> Option<&Allowance> {
+    let has_ports = matches!(protocol, proto::TCP | proto::UDP | proto::SCTP);
+    let (port, longest) = if has_ports { (port, 16) } else { (0, 0) };
+    let candidates = (0..=longest)
+        .rev()
+        .map(|len| {
+            let shift = 16 - u32::from(len);
+            let masked = u16::try_from((u32::from(port) >> shift) << shift & 0xFFFF).unwrap_or(0);
+            PortPrefix::Protocol {
+                protocol,
+                port: masked,
+                len,
+            }
+        })
+        .chain(std::iter::once(PortPrefix::AnyProtocol));
+    for ports in candidates {
+        if let Some(allowance) = tables.policy.get(&PolicyEntryKey {
+            endpoint,
+            identity,
+            ports,
+        }) {
+            return Some(allowance);
+        }
+    }
+    None
+}

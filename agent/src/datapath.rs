@@ -1,0 +1,477 @@
+//! The only module that talks to the kernel's BPF side: loads the programs with their
+//! maps pinned under the pin directory, attaches to pod interfaces, and writes the
+//! difference between the tables the kernel holds and the tables it should hold.
+
+pub mod image;
+pub mod interfaces;
+mod pins;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
+    },
+};
+use egret_common::maps::{
+    CidrKey, CounterKey, CounterValue, Endpoint, IpKey, PolicyKey, PolicyValue, Settings, capacity,
+    names,
+};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use self::image::{KernelImage, diff};
+
+/// The kernel programs, built by `build.rs` from `agent-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egret"));
+
+/// The TC program that judges what a pod sends (TC ingress of its host-side interface).
+const FROM_POD_PROGRAM: &str = "egret_from_pod";
+
+/// Default pin directory on a node.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egret";
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("{} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)", path.display())]
+    NotBpffs { path: PathBuf },
+    #[error("cannot create pin directory {}: {source}", path.display())]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("kernel object lacks {what} {name}")]
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("attaching to interface {interface}: {source}")]
+    Attach {
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("pinning the link on {interface} at {}: {source}", path.display())]
+    PinLink {
+        interface: String,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("taking over pinned link {}: {source}", path.display())]
+    UnpinLink {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the link on {interface} is not a bpf link: {source}")]
+    NotFdLink {
+        interface: String,
+        source: LinkError,
+    },
+    #[error("reading pinned link {}: {source}", path.display())]
+    PinnedLink { path: PathBuf, source: LinkError },
+}
+
+/// Sizes of the table maps (`max_entries`).
+#[derive(Clone, Copy, Debug)]
+pub struct Capacities {
+    pub endpoints: u32,
+    pub identities: u32,
+    pub cidrs: u32,
+    pub policy: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            endpoints: capacity::ENDPOINTS,
+            identities: capacity::IDENTITIES,
+            cidrs: capacity::CIDRS,
+            policy: capacity::POLICY,
+        }
+    }
+}
+
+/// Counts of one apply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub written: usize,
+    pub removed: usize,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    endpoints: HashMap<MapData, u32, Endpoint>,
+    identities: HashMap<MapData, IpKey, u32>,
+    cidrs: LpmTrie<MapData, CidrKey, u32>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    settings: Array<MapData, Settings>,
+    /// What the kernel holds, read once at open and kept in step with every write.
+    held: KernelImage,
+}
+
+impl Datapath {
+    /// Loads the programs, creating the pinned maps or reusing those an earlier agent
+    /// pinned, and reads what they hold.
+    ///
+    /// # Errors
+    /// When the pin directory is not on bpffs, or the kernel refuses the programs.
+    pub fn open(pin_dir: &Path, capacities: Capacities) -> Result<Self, DatapathError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        if !pins::is_bpffs(pin_dir) {
+            return Err(DatapathError::NotBpffs {
+                path: pin_dir.to_owned(),
+            });
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(names::ENDPOINT, capacities.endpoints)
+            .map_max_entries(names::IDENTITY, capacities.identities)
+            .map_max_entries(names::CIDR, capacities.cidrs)
+            .map_max_entries(names::POLICY, capacities.policy)
+            .load(OBJECT)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(FROM_POD_PROGRAM)
+            .ok_or(DatapathError::Missing {
+                what: "program",
+                name: FROM_POD_PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name: FROM_POD_PROGRAM,
+                source,
+            })?;
+        program.load().map_err(|source| DatapathError::Program {
+            name: FROM_POD_PROGRAM,
+            source,
+        })?;
+
+        let endpoints = take_map(&mut ebpf, names::ENDPOINT)?;
+        let identities = take_map(&mut ebpf, names::IDENTITY)?;
+        let cidrs = take_map(&mut ebpf, names::CIDR)?;
+        let policy = take_map(&mut ebpf, names::POLICY)?;
+        let settings = take_map(&mut ebpf, names::SETTINGS)?;
+        let mut datapath = Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            endpoints,
+            identities,
+            cidrs,
+            policy,
+            settings,
+            held: KernelImage::default(),
+        };
+        datapath.held = datapath.read_held()?;
+        info!(
+            pin_dir = %pin_dir.display(),
+            endpoints = datapath.held.endpoints.len(),
+            policy_entries = datapath.held.policy.len(),
+            "kernel programs loaded; pinned tables reused"
+        );
+        Ok(datapath)
+    }
+
+    fn read_held(&self) -> Result<KernelImage, DatapathError> {
+        let map_err = |map| move |source| DatapathError::Map { map, source };
+        let mut image = KernelImage::default();
+        for item in self.endpoints.iter() {
+            let (k, v) = item.map_err(map_err(names::ENDPOINT))?;
+            image.endpoints.insert(k, v);
+        }
+        for item in self.identities.iter() {
+            let (k, v) = item.map_err(map_err(names::IDENTITY))?;
+            image.identities.insert(k, v);
+        }
+        for item in self.cidrs.iter() {
+            let (k, v) = item.map_err(map_err(names::CIDR))?;
+            image.cidrs.insert((k.prefix_len(), k.data()), v);
+        }
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(map_err(names::POLICY))?;
+            image.policy.insert((k.prefix_len(), k.data()), v);
+        }
+        Ok(image)
+    }
+
+    /// What the kernel holds now.
+    #[must_use]
+    pub fn held(&self) -> &KernelImage {
+        &self.held
+    }
+
+    /// # Errors
+    /// When the settings map cannot be written.
+    pub fn set_settings(&mut self, settings: Settings) -> Result<(), DatapathError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(|source| DatapathError::Map {
+                map: names::SETTINGS,
+                source,
+            })
+    }
+
+    /// Makes the kernel hold `desired`. New and changed entries go in before anything
+    /// is removed, innermost tables first, so no allowed flow is denied mid-update:
+    /// policy entries exist before an identity or class points at them, and an
+    /// endpoint's flags change only once its entries are in place.
+    ///
+    /// # Errors
+    /// The first write the kernel refuses (a full map, say). What was written stays
+    /// written and is remembered, so the next apply resumes from there.
+    pub fn apply(&mut self, desired: &KernelImage) -> Result<ApplyStats, DatapathError> {
+        let mut stats = ApplyStats::default();
+        let policy = diff(&self.held.policy, &desired.policy);
+        let cidrs = diff(&self.held.cidrs, &desired.cidrs);
+        let identities = diff(&self.held.identities, &desired.identities);
+        let endpoints = diff(&self.held.endpoints, &desired.endpoints);
+        let map_err = |map| move |source| DatapathError::Map { map, source };
+
+        for (key, value) in &policy.upserts {
+            self.policy
+                .insert(&Key::new(key.0, key.1), value, 0)
+                .map_err(map_err(names::POLICY))?;
+            self.held.policy.insert(*key, *value);
+            stats.written += 1;
+        }
+        for (key, value) in &cidrs.upserts {
+            self.cidrs
+                .insert(&Key::new(key.0, key.1), value, 0)
+                .map_err(map_err(names::CIDR))?;
+            self.held.cidrs.insert(*key, *value);
+            stats.written += 1;
+        }
+        for (key, value) in &identities.upserts {
+            self.identities
+                .insert(key, value, 0)
+                .map_err(map_err(names::IDENTITY))?;
+            self.held.identities.insert(*key, *value);
+            stats.written += 1;
+        }
+        for (key, value) in &endpoints.upserts {
+            self.endpoints
+                .insert(key, value, 0)
+                .map_err(map_err(names::ENDPOINT))?;
+            self.held.endpoints.insert(*key, *value);
+            stats.written += 1;
+        }
+        for key in &endpoints.removals {
+            remove_ignoring_absent(self.endpoints.remove(key)).map_err(map_err(names::ENDPOINT))?;
+            self.held.endpoints.remove(key);
+            stats.removed += 1;
+        }
+        for key in &identities.removals {
+            remove_ignoring_absent(self.identities.remove(key))
+                .map_err(map_err(names::IDENTITY))?;
+            self.held.identities.remove(key);
+            stats.removed += 1;
+        }
+        for key in &cidrs.removals {
+            remove_ignoring_absent(self.cidrs.remove(&Key::new(key.0, key.1)))
+                .map_err(map_err(names::CIDR))?;
+            self.held.cidrs.remove(key);
+            stats.removed += 1;
+        }
+        for key in &policy.removals {
+            remove_ignoring_absent(self.policy.remove(&Key::new(key.0, key.1)))
+                .map_err(map_err(names::POLICY))?;
+            self.held.policy.remove(key);
+            stats.removed += 1;
+        }
+        if stats != ApplyStats::default() {
+            debug!(
+                written = stats.written,
+                removed = stats.removed,
+                "tables updated"
+            );
+        }
+        Ok(stats)
+    }
+
+    /// Attaches the egress program to TC ingress of `interface` (the pod's host side),
+    /// unless a link pinned by an earlier agent already holds it: that link is switched
+    /// to this agent's program atomically, so enforcement never lapses.
+    ///
+    /// # Errors
+    /// When neither tcx nor a clsact qdisc accepts the program.
+    pub fn attach(&mut self, interface: &str, ifindex: u32) -> Result<(), DatapathError> {
+        let link_path = pins::link_path(&self.pin_dir, ifindex);
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(FROM_POD_PROGRAM)
+            .ok_or(DatapathError::Missing {
+                what: "program",
+                name: FROM_POD_PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name: FROM_POD_PROGRAM,
+                source,
+            })?;
+        let attach_error = |source| DatapathError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        let link_id = match PinnedLink::from_pin(&link_path) {
+            Ok(pinned) => {
+                let link = pinned.unpin().map_err(|source| DatapathError::UnpinLink {
+                    path: link_path.clone(),
+                    source,
+                })?;
+                let link = SchedClassifierLink::try_from(link).map_err(|source| {
+                    DatapathError::PinnedLink {
+                        path: link_path.clone(),
+                        source,
+                    }
+                })?;
+                program.attach_to_link(link).map_err(attach_error)?
+            }
+            Err(_) => match program.attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            ) {
+                Ok(id) => id,
+                Err(tcx_error) => {
+                    // Kernels before 6.6 have no tcx: use a clsact qdisc (netlink).
+                    debug!(%interface, error = %tcx_error, "tcx attach failed; trying clsact");
+                    if let Err(error) = aya::programs::tc::qdisc_add_clsact(interface) {
+                        debug!(%interface, %error, "clsact qdisc not added (it may exist)");
+                    }
+                    let id = program
+                        .attach_with_options(
+                            interface,
+                            TcAttachType::Ingress,
+                            TcAttachOptions::Netlink(NlOptions::default()),
+                        )
+                        .map_err(attach_error)?;
+                    // Netlink filters outlive the agent without a pin.
+                    let link = program.take_link(id).map_err(attach_error)?;
+                    std::mem::forget(link);
+                    info!(%interface, "attached with clsact (no tcx on this kernel)");
+                    return Ok(());
+                }
+            },
+        };
+        let link = program.take_link(link_id).map_err(attach_error)?;
+        let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::NotFdLink {
+            interface: interface.to_owned(),
+            source,
+        })?;
+        fd_link
+            .pin(&link_path)
+            .map_err(|source| DatapathError::PinLink {
+                interface: interface.to_owned(),
+                path: link_path.clone(),
+                source,
+            })?;
+        info!(%interface, ifindex, "attached (tcx, pinned)");
+        Ok(())
+    }
+
+    /// Ifindexes that have a pinned link.
+    #[must_use]
+    pub fn pinned_links(&self) -> Vec<u32> {
+        pins::pinned_link_ifindexes(&self.pin_dir)
+    }
+
+    /// Detaches and unpins the link on `ifindex` (the pod is gone or no longer local).
+    pub fn detach(&mut self, ifindex: u32) {
+        let path = pins::link_path(&self.pin_dir, ifindex);
+        match PinnedLink::from_pin(&path) {
+            // Dropping the unpinned link closes its last fd: the kernel detaches it.
+            Ok(pinned) => match pinned.unpin() {
+                Ok(link) => drop(link),
+                Err(error) => warn!(ifindex, %error, "cannot unpin link"),
+            },
+            Err(error) => {
+                debug!(ifindex, %error, "no pinned link to detach");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { what: "map", name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+fn remove_ignoring_absent(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Per-CPU counters summed, read from the pinned map (works while an agent runs).
+///
+/// # Errors
+/// When the map is not pinned under `pin_dir` or cannot be read.
+pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<CounterKey, CounterValue>, DatapathError> {
+    let map_err = |source| DatapathError::Map {
+        map: names::COUNTERS,
+        source,
+    };
+    let data = MapData::from_pin(pin_dir.join(names::COUNTERS)).map_err(map_err)?;
+    let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> =
+        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).map_err(map_err)?;
+    let mut totals = BTreeMap::new();
+    for item in counters.iter() {
+        let (key, values) = item.map_err(map_err)?;
+        let total = values
+            .iter()
+            .fold(CounterValue::default(), |sum, v| CounterValue {
+                packets: sum.packets + v.packets,
+                bytes: sum.bytes + v.bytes,
+            });
+        totals.insert(key, total);
+    }
+    Ok(totals)
+}
+
+/// Pinned endpoints (ifindex -> endpoint), read from the pinned map.
+///
+/// # Errors
+/// When the map is not pinned under `pin_dir` or cannot be read.
+pub fn read_endpoints(pin_dir: &Path) -> Result<BTreeMap<u32, Endpoint>, DatapathError> {
+    let map_err = |source| DatapathError::Map {
+        map: names::ENDPOINT,
+        source,
+    };
+    let data = MapData::from_pin(pin_dir.join(names::ENDPOINT)).map_err(map_err)?;
+    let endpoints: HashMap<MapData, u32, Endpoint> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
+    endpoints.iter().map(|item| item.map_err(map_err)).collect()
+}
+
+/// Removes everything Egret attached and pinned under `pin_dir`.
+///
+/// # Errors
+/// When the pin directory cannot be read or removed.
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
+    pins::remove_all(pin_dir)
+}

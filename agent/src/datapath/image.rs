@@ -1,0 +1,153 @@
+//! The compiled tables in the kernel's key and value layouts, and the difference
+//! between two such images. Pure: the writer applies what this computes.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use egret_common::maps::{CIDR_PREFIX_ENDPOINT, CidrKey, Endpoint, IpKey, PolicyKey, PolicyValue};
+use ipnet::IpNet;
+
+use crate::{
+    compile::{PolicyEntryKey, PortPrefix, Tables},
+    state::ObjectKey,
+};
+
+/// An LPM trie key: prefix length and data, ordered for diffing.
+pub type LpmKey<K> = (u32, K);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelImage {
+    /// ifindex -> endpoint.
+    pub endpoints: BTreeMap<u32, Endpoint>,
+    pub identities: BTreeMap<IpKey, u32>,
+    pub cidrs: BTreeMap<LpmKey<CidrKey>, u32>,
+    pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyValue>,
+}
+
+impl KernelImage {
+    /// Lays out `tables` for the kernel; endpoints appear only for pods whose
+    /// interface is known (`interfaces`: pod -> ifindex).
+    #[must_use]
+    pub fn build(tables: &Tables, interfaces: &BTreeMap<ObjectKey, u32>) -> Self {
+        let mut image = KernelImage::default();
+        for (pod, entry) in &tables.endpoints {
+            if let Some(ifindex) = interfaces.get(pod) {
+                image.endpoints.insert(
+                    *ifindex,
+                    Endpoint {
+                        id: entry.id,
+                        flags: entry.flags,
+                        ipv4: entry.ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+                        ipv6: entry.ipv6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets(),
+                    },
+                );
+            }
+        }
+        for (ip, identity) in &tables.identities {
+            image.identities.insert(ip_key(*ip), *identity);
+        }
+        for ((endpoint, net), class) in &tables.cidrs {
+            image.cidrs.insert(cidr_key(*endpoint, *net), *class);
+        }
+        for (key, allowance) in &tables.policy {
+            image.policy.insert(
+                policy_key(key),
+                PolicyValue {
+                    flags: allowance.flags,
+                },
+            );
+        }
+        image
+    }
+
+    #[must_use]
+    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+        use egret_common::maps::names;
+        [
+            (names::ENDPOINT, self.endpoints.len()),
+            (names::IDENTITY, self.identities.len()),
+            (names::CIDR, self.cidrs.len()),
+            (names::POLICY, self.policy.len()),
+        ]
+    }
+}
+
+/// IPv4 addresses are stored IPv4-mapped so one key type holds both families.
+#[must_use]
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    let addr = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    IpKey { addr }
+}
+
+#[must_use]
+pub fn cidr_key(endpoint: u32, net: IpNet) -> LpmKey<CidrKey> {
+    let (addr, prefix_len) = match net {
+        IpNet::V4(v4) => (
+            v4.addr().to_ipv6_mapped().octets(),
+            96 + u32::from(v4.prefix_len()),
+        ),
+        IpNet::V6(v6) => (v6.addr().octets(), u32::from(v6.prefix_len())),
+    };
+    (
+        CIDR_PREFIX_ENDPOINT + prefix_len,
+        CidrKey {
+            endpoint: endpoint.to_be_bytes(),
+            addr,
+        },
+    )
+}
+
+#[must_use]
+pub fn policy_key(key: &PolicyEntryKey) -> LpmKey<PolicyKey> {
+    let (protocol, port) = match key.ports {
+        PortPrefix::AnyProtocol => (0, 0),
+        PortPrefix::Protocol { protocol, port, .. } => (protocol, port),
+    };
+    (
+        key.ports.trie_prefix_len(),
+        PolicyKey {
+            endpoint: key.endpoint.to_be_bytes(),
+            identity: key.identity.to_be_bytes(),
+            protocol,
+            port: port.to_be_bytes(),
+            pad: 0,
+        },
+    )
+}
+
+/// What to write and what to delete to turn `held` into `desired`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Diff<K, V> {
+    pub upserts: Vec<(K, V)>,
+    pub removals: Vec<K>,
+}
+
+impl<K, V> Diff<K, V> {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removals.is_empty()
+    }
+}
+
+#[must_use]
+pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
+    held: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Diff<K, V> {
+    let upserts = desired
+        .iter()
+        .filter(|(key, value)| held.get(key) != Some(value))
+        .map(|(key, value)| (*key, *value))
+        .collect();
+    let removals = held
+        .keys()
+        .filter(|key| !desired.contains_key(key))
+        .copied()
+        .collect();
+    Diff { upserts, removals }
+}

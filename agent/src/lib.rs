@@ -1,0 +1,11 @@
+//! Egret: an eBPF egress firewall for Kubernetes NetworkPolicies.
+//!
+//! Data flows one way: `source` -> `state` -> `policy` -> `compile` -> `datapath`.
+
+pub mod agent;
+pub mod compile;
+pub mod datapath;
+pub mod policy;
+pub mod simulate;
+pub mod source;
+pub mod state;

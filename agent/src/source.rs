@@ -1,0 +1,3 @@
+//! Where cluster state comes from.
+
+pub mod manifest;

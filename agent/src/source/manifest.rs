@@ -1,0 +1,350 @@
+//! A directory of Kubernetes YAML (or JSON) as a cluster: Namespaces, Pods (with
+//! `status.podIP(s)`), NetworkPolicies. Multi-document files and `List`s are fine.
+//! A broken document or object is reported (file, kind, name, field) and skipped;
+//! everything else still counts.
+
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::{
+    api::{core::v1 as core, networking::v1 as networking},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+use thiserror::Error;
+
+use crate::{
+    policy::{self, NamedPort, Protocol},
+    state::{Namespace, ObjectKey, Pod, PodPhase, Snapshot},
+};
+
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// What a manifest directory holds, and what was wrong with it.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    pub snapshot: Snapshot,
+    pub problems: Vec<ManifestError>,
+    /// Files read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+/// Where a broken object was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectLocation {
+    pub file: PathBuf,
+    pub kind: String,
+    /// `namespace/name`, or just `name` for cluster-scoped objects, or `?` when absent.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} {}", self.file.display(), self.kind, self.name)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest directory {}: {source}", dir.display())]
+    ReadDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: cannot read: {source}", file.display())]
+    ReadFile {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: document {document}: YAML does not parse: {source}", file.display())]
+    Yaml {
+        file: PathBuf,
+        document: usize,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{location}: {field}: {message}")]
+    Malformed {
+        location: ObjectLocation,
+        field: String,
+        message: String,
+    },
+    #[error("{location}: {source}")]
+    Invalid {
+        location: ObjectLocation,
+        source: policy::convert::InvalidField,
+    },
+    #[error("{location}: defined again (first in {}); the first definition is used", first.display())]
+    Duplicate {
+        location: ObjectLocation,
+        first: PathBuf,
+    },
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir`, in name order.
+#[must_use]
+pub fn load_dir(dir: &Path) -> Manifests {
+    let mut manifests = Manifests::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(source) => {
+            manifests.problems.push(ManifestError::ReadDir {
+                dir: dir.to_owned(),
+                source,
+            });
+            return manifests;
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.is_file()
+                && path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    let mut loader = Loader::default();
+    for file in &files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => loader.add_text(file, &text),
+            Err(source) => loader.problems.push(ManifestError::ReadFile {
+                file: file.clone(),
+                source,
+            }),
+        }
+    }
+    manifests.snapshot = loader.snapshot;
+    manifests.problems = loader.problems;
+    manifests.files = files;
+    manifests
+}
+
+/// Builds a snapshot from manifest texts; `add_text` may be called per file.
+#[derive(Default)]
+pub struct Loader {
+    pub snapshot: Snapshot,
+    pub problems: Vec<ManifestError>,
+    seen: std::collections::BTreeMap<(String, String), PathBuf>,
+}
+
+impl Loader {
+    pub fn add_text(&mut self, file: &Path, text: &str) {
+        for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            match Value::deserialize(document) {
+                Ok(Value::Null) => {}
+                Ok(value) => self.add_value(file, value),
+                Err(source) => {
+                    self.problems.push(ManifestError::Yaml {
+                        file: file.to_owned(),
+                        document: index + 1,
+                        source,
+                    });
+                    // A syntax error ends the stream: later documents cannot be located.
+                    break;
+                }
+            }
+        }
+    }
+
+    fn add_value(&mut self, file: &Path, value: Value) {
+        let kind = value
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        if kind == "List" || kind.ends_with("List") {
+            if let Some(Value::Sequence(items)) = value.get("items") {
+                for item in items.clone() {
+                    self.add_value(file, item);
+                }
+            }
+            return;
+        }
+        let location = locate(file, &kind, &value);
+        let namespaced_name = location.name.clone();
+        match kind.as_str() {
+            "Namespace" | "Pod" | "NetworkPolicy" => {
+                if let Some(first) = self.seen.get(&(kind.clone(), namespaced_name.clone())) {
+                    self.problems.push(ManifestError::Duplicate {
+                        location,
+                        first: first.clone(),
+                    });
+                    return;
+                }
+                self.seen
+                    .insert((kind.clone(), namespaced_name), file.to_owned());
+            }
+            // Other kinds (Deployments, ConfigMaps, ...) are not ours to read.
+            _ => return,
+        }
+        let result = match kind.as_str() {
+            "Namespace" => typed::<core::Namespace>(&location, value).map(|ns| {
+                self.snapshot.insert_namespace(Namespace {
+                    name: ns.metadata.name.unwrap_or_default(),
+                    labels: ns.metadata.labels.unwrap_or_default(),
+                });
+            }),
+            "Pod" => typed::<core::Pod>(&location, value)
+                .and_then(|pod| pod_from_api(&pod, &location))
+                .map(|pod| self.snapshot.insert_pod(pod)),
+            _ => typed::<networking::NetworkPolicy>(&location, value).and_then(|policy| {
+                policy::convert::network_policy(&policy, DEFAULT_NAMESPACE)
+                    .map(|policy| self.snapshot.insert_policy(policy))
+                    .map_err(|source| ManifestError::Invalid {
+                        location: location.clone(),
+                        source,
+                    })
+            }),
+        };
+        if let Err(problem) = result {
+            self.problems.push(problem);
+        }
+    }
+}
+
+fn locate(file: &Path, kind: &str, value: &Value) -> ObjectLocation {
+    let metadata = value.get("metadata");
+    let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
+    let name = match (kind, field("namespace"), field("name")) {
+        ("Namespace", _, Some(name)) => name.to_owned(),
+        (_, Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+        (_, None, Some(name)) => format!("{DEFAULT_NAMESPACE}/{name}"),
+        (_, _, None) => "?".to_owned(),
+    };
+    ObjectLocation {
+        file: file.to_owned(),
+        kind: kind.to_owned(),
+        name,
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned + HasMetadata>(
+    location: &ObjectLocation,
+    value: Value,
+) -> Result<T, ManifestError> {
+    let object: T =
+        serde_path_to_error::deserialize(value).map_err(|error| ManifestError::Malformed {
+            location: location.clone(),
+            field: error.path().to_string(),
+            message: error.inner().to_string(),
+        })?;
+    if object.metadata().name.as_deref().is_none_or(str::is_empty) {
+        return Err(ManifestError::Malformed {
+            location: location.clone(),
+            field: "metadata.name".to_owned(),
+            message: "missing".to_owned(),
+        });
+    }
+    Ok(object)
+}
+
+trait HasMetadata {
+    fn metadata(&self) -> &ObjectMeta;
+}
+
+impl HasMetadata for core::Namespace {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl HasMetadata for core::Pod {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl HasMetadata for networking::NetworkPolicy {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+/// Trims an API pod to what policy needs.
+///
+/// # Errors
+/// An address that does not parse, or a container port with an unknown protocol.
+pub fn pod_from_api(pod: &core::Pod, location: &ObjectLocation) -> Result<Pod, ManifestError> {
+    let malformed = |field: String, message: String| ManifestError::Malformed {
+        location: location.clone(),
+        field,
+        message,
+    };
+    let status = pod.status.clone().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut ips = Vec::new();
+    let listed: Vec<(String, String)> = match &status.pod_ips {
+        Some(pod_ips) if !pod_ips.is_empty() => pod_ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("status.podIPs[{i}].ip"), ip.ip.clone()))
+            .collect(),
+        _ => status
+            .pod_ip
+            .iter()
+            .map(|ip| ("status.podIP".to_owned(), ip.clone()))
+            .collect(),
+    };
+    for (field, text) in listed {
+        let ip: IpAddr = text
+            .parse()
+            .map_err(|_| malformed(field.clone(), format!("{text:?} is not an IP address")))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let mut named_ports = Vec::new();
+    for (c, container) in spec.containers.iter().enumerate() {
+        for (p, port) in container.ports.iter().flatten().enumerate() {
+            let Some(name) = &port.name else { continue };
+            let protocol_name = port.protocol.as_deref().unwrap_or("TCP");
+            let protocol = Protocol::from_name(protocol_name).ok_or_else(|| {
+                malformed(
+                    format!("spec.containers[{c}].ports[{p}].protocol"),
+                    format!("unknown protocol {protocol_name:?} (expected TCP, UDP or SCTP)"),
+                )
+            })?;
+            let number = u16::try_from(port.container_port)
+                .ok()
+                .filter(|n| *n != 0)
+                .ok_or_else(|| {
+                    malformed(
+                        format!("spec.containers[{c}].ports[{p}].containerPort"),
+                        format!("{} is outside 1-65535", port.container_port),
+                    )
+                })?;
+            named_ports.push(NamedPort {
+                name: name.clone(),
+                protocol,
+                port: number,
+            });
+        }
+    }
+    let key = ObjectKey::new(
+        pod.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+        pod.metadata.name.clone().unwrap_or_default(),
+    );
+    Ok(Pod {
+        namespace: key.namespace,
+        name: key.name,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        node_name: spec.node_name.clone(),
+        host_network: spec.host_network.unwrap_or(false),
+        phase: status
+            .phase
+            .as_deref()
+            .map_or(PodPhase::Pending, PodPhase::from_name),
+        ips,
+        named_ports,
+    })
+}

@@ -1,0 +1,173 @@
+//! The cluster snapshot: plain data, trimmed to what the policy engine reads.
+//! Sources fill it; the compiler reads it. Nothing here talks to the API or the kernel.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use crate::policy::{Labels, NamedPort, NetworkPolicy, PodView, PolicyRef};
+
+/// The label the API server puts on every namespace (Kubernetes >= 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    #[must_use]
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `namespace/name`.
+    #[must_use]
+    pub fn parse(value: &str) -> Option<Self> {
+        let (namespace, name) = value.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains('/'))
+            .then(|| Self::new(namespace, name))
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PodPhase {
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+impl PodPhase {
+    #[must_use]
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "Running" => PodPhase::Running,
+            "Succeeded" => PodPhase::Succeeded,
+            "Failed" => PodPhase::Failed,
+            "Pending" => PodPhase::Pending,
+            _ => PodPhase::Unknown,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub node_name: Option<String>,
+    pub host_network: bool,
+    pub phase: PodPhase,
+    /// `status.podIPs` (or `status.podIP`): at most one address per family.
+    pub ips: Vec<IpAddr>,
+    pub named_ports: Vec<NamedPort>,
+}
+
+impl Pod {
+    #[must_use]
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::new(&self.namespace, &self.name)
+    }
+
+    /// A pod that policies can select and that selectors can match as a peer:
+    /// it has an address of its own and has not finished. hostNetwork pods share the
+    /// node's address, so policies never apply to them and peers never match them.
+    #[must_use]
+    pub fn takes_part(&self) -> bool {
+        !self.host_network
+            && !self.ips.is_empty()
+            && !matches!(self.phase, PodPhase::Succeeded | PodPhase::Failed)
+    }
+
+    #[must_use]
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    #[must_use]
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+    }
+}
+
+impl PodView for Pod {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn labels(&self) -> &Labels {
+        &self.labels
+    }
+}
+
+/// Everything the compiler needs, keyed for deterministic iteration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+}
+
+impl Snapshot {
+    /// Labels of a namespace. A namespace the snapshot has not seen still carries the
+    /// name label the API server would give it.
+    #[must_use]
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        self.namespaces.get(namespace).map_or_else(
+            || Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())]),
+            |ns| ns.labels.clone(),
+        )
+    }
+
+    pub fn insert_namespace(&mut self, mut namespace: Namespace) {
+        namespace
+            .labels
+            .entry(NAMESPACE_NAME_LABEL.to_owned())
+            .or_insert_with(|| namespace.name.clone());
+        self.namespaces.insert(namespace.name.clone(), namespace);
+    }
+
+    pub fn insert_pod(&mut self, pod: Pod) {
+        self.pods.insert(pod.key(), pod);
+    }
+
+    pub fn insert_policy(&mut self, policy: NetworkPolicy) {
+        self.policies.insert(policy.id.clone(), policy);
+    }
+
+    /// The pod whose address is `ip`, among pods that take part in policy.
+    #[must_use]
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pods
+            .values()
+            .find(|pod| pod.takes_part() && pod.ips.contains(&ip))
+    }
+}

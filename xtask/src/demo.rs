@@ -1,0 +1,3 @@
+pub fn run(_agent: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::bail!("todo")
+}

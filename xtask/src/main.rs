@@ -1,0 +1,109 @@
+//! `cargo xtask <task>`: everything a fresh machine needs, in one place.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Egret developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: apt packages, rust-src, bpf-linker. Idempotent.
+    Setup,
+    /// Build the agent (and its embedded kernel programs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test, the privileged network tests included (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, after `--`.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Build a small cluster in network namespaces, enforce example policies, and
+    /// print what each probed flow was expected to do and what it really did.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build_agent(release).map(|_| ())
+        }
+        Task::Test { cargo_args } => {
+            setup::run()?;
+            test(&cargo_args)
+        }
+        Task::Demo => {
+            setup::run()?;
+            let agent = build_agent(true)?;
+            demo::run(&agent)
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+}
+
+fn run_command(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds `egret` and returns the path of the binary.
+fn build_agent(release: bool) -> anyhow::Result<std::path::PathBuf> {
+    let mut command = cargo();
+    command.args(["build", "--package", "egret", "--bin", "egret"]);
+    if release {
+        command.arg("--release");
+    }
+    run_command(&mut command)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace_root().join("target").join(profile).join("egret"))
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the network tests need root: run `cargo xtask test` as root");
+    }
+    let mut command = cargo();
+    command.args(["test", "--workspace", "--no-fail-fast"]);
+    command.arg("--").args(cargo_args);
+    run_command(&mut command)
+}
+
+/// Effective uid 0, read from /proc so xtask needs no libc bindings.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}

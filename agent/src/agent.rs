@@ -167,10 +167,10 @@ impl Reconciler {
         // by its policy, not by the unknown-pod default.
         let attached: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
         for (pod, interface) in &interfaces {
-            if !attached.contains(&interface.ifindex) {
-                if let Err(error) = datapath.attach(&interface.name, interface.ifindex) {
-                    warn!(%pod, %error, "cannot attach");
-                }
+            if !attached.contains(&interface.ifindex)
+                && let Err(error) = datapath.attach(&interface.name, interface.ifindex)
+            {
+                warn!(%pod, %error, "cannot attach");
             }
         }
         let wanted: BTreeSet<u32> = ifindexes.values().copied().collect();

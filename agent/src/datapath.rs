@@ -192,19 +192,19 @@ impl Datapath {
     fn read_held(&self) -> Result<KernelImage, DatapathError> {
         let map_err = |map| move |source| DatapathError::Map { map, source };
         let mut image = KernelImage::default();
-        for item in self.endpoints.iter() {
+        for item in &self.endpoints {
             let (k, v) = item.map_err(map_err(names::ENDPOINT))?;
             image.endpoints.insert(k, v);
         }
-        for item in self.identities.iter() {
+        for item in &self.identities {
             let (k, v) = item.map_err(map_err(names::IDENTITY))?;
             image.identities.insert(k, v);
         }
-        for item in self.cidrs.iter() {
+        for item in &self.cidrs {
             let (k, v) = item.map_err(map_err(names::CIDR))?;
             image.cidrs.insert((k.prefix_len(), k.data()), v);
         }
-        for item in self.policy.iter() {
+        for item in &self.policy {
             let (k, v) = item.map_err(map_err(names::POLICY))?;
             image.policy.insert((k.prefix_len(), k.data()), v);
         }
@@ -440,7 +440,7 @@ pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<CounterKey, CounterValue
     let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> =
         PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).map_err(map_err)?;
     let mut totals = BTreeMap::new();
-    for item in counters.iter() {
+    for item in &counters {
         let (key, values) = item.map_err(map_err)?;
         let total = values
             .iter()

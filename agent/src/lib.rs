@@ -1,4 +1,4 @@
-//! Egret: an eBPF egress firewall for Kubernetes NetworkPolicies.
+//! Egret: an eBPF egress firewall for Kubernetes `NetworkPolicies`.
 //!
 //! Data flows one way: `source` -> `state` -> `policy` -> `compile` -> `datapath`.
 

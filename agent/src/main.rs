@@ -44,11 +44,11 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Enforce the egress side of NetworkPolicies on this node's pods.
+    /// Enforce the egress side of `NetworkPolicies` on this node's pods.
     Run(RunArgs),
     /// Answer "would this flow be allowed, and why" from manifest files, offline.
     Simulate {
-        /// Directory of Kubernetes YAML: Namespaces, Pods, NetworkPolicies.
+        /// Directory of Kubernetes YAML: Namespaces, Pods, `NetworkPolicies`.
         #[arg(long)]
         manifests: PathBuf,
         /// JSON lines, one query each: {"from": "ns/pod", "to": "ns/pod" | "IP",
@@ -73,7 +73,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Directory of Kubernetes YAML to enforce (Namespaces, Pods with status.podIP, NetworkPolicies).
+    /// Directory of Kubernetes YAML to enforce (Namespaces, Pods with status.podIP, `NetworkPolicies`).
     #[arg(long)]
     manifests: PathBuf,
     /// This node's name: pods with this spec.nodeName are enforced here.

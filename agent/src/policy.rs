@@ -1,4 +1,4 @@
-//! NetworkPolicy egress semantics as plain types and pure functions.
+//! `NetworkPolicy` egress semantics as plain types and pure functions.
 //!
 //! Nothing here knows about Kubernetes API types or the kernel: [`convert`] turns
 //! `networking.k8s.io/v1` objects into these types (validating them), and `compile`
@@ -39,7 +39,7 @@ pub enum Mode {
     Audit,
 }
 
-/// The egress side of one NetworkPolicy, validated.
+/// The egress side of one `NetworkPolicy`, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkPolicy {
     pub id: PolicyRef,

@@ -76,13 +76,12 @@ impl<'a> Simulator<'a> {
     /// or plus `"error"`.
     #[must_use]
     pub fn answer_line(&self, line: &str) -> Value {
-        let mut output = match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(fields)) => fields,
-            Ok(_) | Err(_) => {
-                let mut fields = Map::new();
-                fields.insert("query".into(), Value::String(line.to_owned()));
-                fields
-            }
+        let mut output = if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) {
+            fields
+        } else {
+            let mut fields = Map::new();
+            fields.insert("query".into(), Value::String(line.to_owned()));
+            fields
         };
         match self.answer_json(line) {
             Ok(answer) => {

@@ -2,10 +2,14 @@
 //! policy on a pod's host-side interface; allowed connections pass, others are dropped by
 //! the kernel and counted.
 
-use std::{path::Path, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Duration,
+};
 
 use egret_testbed::{
-    Topology,
+    Pod, Topology,
     agent::AgentProcess,
     manifests::{PodManifest, cluster_yaml, write_file},
 };
@@ -19,54 +23,11 @@ fn ipblock_policy_drops_what_it_does_not_allow() {
         return;
     }
     let topology = Topology::new().expect("topology");
-    let client = topology
-        .add_pod(
-            "client",
-            "10.77.0.1".parse().unwrap(),
-            "fd00:e6e7::1".parse().unwrap(),
-        )
-        .unwrap();
-    let allowed = topology
-        .add_pod(
-            "allowed",
-            "10.77.0.2".parse().unwrap(),
-            "fd00:e6e7::2".parse().unwrap(),
-        )
-        .unwrap();
-    let other = topology
-        .add_pod(
-            "other",
-            "10.77.0.3".parse().unwrap(),
-            "fd00:e6e7::3".parse().unwrap(),
-        )
-        .unwrap();
-    let _allowed_echo = allowed.serve_tcp(8080).unwrap();
-    let _other_echo = other.serve_tcp(8080).unwrap();
-    let _client_echo = client.serve_tcp(8080).unwrap();
-
-    let manifests = tempfile::tempdir().unwrap();
-    let pods = [
-        PodManifest {
-            pod: &client,
-            namespace: "shop",
-            labels: &[("app", "client")],
-            ports: &[],
-        },
-        PodManifest {
-            pod: &allowed,
-            namespace: "shop",
-            labels: &[("app", "db")],
-            ports: &[],
-        },
-        PodManifest {
-            pod: &other,
-            namespace: "shop",
-            labels: &[("app", "other")],
-            ports: &[],
-        },
-    ];
-    write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
-    write_file(manifests.path(), "policy.yaml", POLICY).unwrap();
+    let client = add_pod(&topology, "client", 1);
+    let allowed = add_pod(&topology, "allowed", 2);
+    let other = add_pod(&topology, "other", 3);
+    let _echoes = [&client, &allowed, &other].map(|pod| pod.serve_tcp(8080).unwrap());
+    let manifests = write_manifests(&client, &allowed, &other);
 
     // Before the agent: everything flows.
     assert!(
@@ -76,15 +37,9 @@ fn ipblock_policy_drops_what_it_does_not_allow() {
     );
 
     let mut agent = start_agent(&topology, manifests.path());
+    let ifindexes = [&client, &allowed, &other].map(Pod::host_ifindex);
     agent
-        .wait_attached(
-            &[
-                client.host_ifindex(),
-                allowed.host_ifindex(),
-                other.host_ifindex(),
-            ],
-            Duration::from_secs(20),
-        )
+        .wait_attached(&ifindexes, Duration::from_secs(20))
         .unwrap();
 
     let to_allowed = client.tcp_connect(allowed.addr_v4(8080), PROBE_TIMEOUT);
@@ -125,6 +80,43 @@ fn ipblock_policy_drops_what_it_does_not_allow() {
         0,
         "other was never denied"
     );
+}
+
+fn add_pod(topology: &Topology, name: &str, n: u8) -> Pod {
+    topology
+        .add_pod(
+            name,
+            Ipv4Addr::new(10, 77, 0, n),
+            Ipv6Addr::new(0xfd00, 0xe6e7, 0, 0, 0, 0, 0, u16::from(n)),
+        )
+        .expect("pod")
+}
+
+fn write_manifests(client: &Pod, allowed: &Pod, other: &Pod) -> tempfile::TempDir {
+    let manifests = tempfile::tempdir().unwrap();
+    let pods = [
+        PodManifest {
+            pod: client,
+            namespace: "shop",
+            labels: &[("app", "client")],
+            ports: &[],
+        },
+        PodManifest {
+            pod: allowed,
+            namespace: "shop",
+            labels: &[("app", "db")],
+            ports: &[],
+        },
+        PodManifest {
+            pod: other,
+            namespace: "shop",
+            labels: &[("app", "other")],
+            ports: &[],
+        },
+    ];
+    write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
+    write_file(manifests.path(), "policy.yaml", POLICY).unwrap();
+    manifests
 }
 
 const POLICY: &str = "

@@ -107,10 +107,10 @@ impl AgentProcess {
             if all {
                 return Ok(());
             }
-            if let Some(child) = &mut self.child {
-                if let Some(status) = child.try_wait()? {
-                    bail!("agent exited ({status}) before attaching:\n{}", self.log());
-                }
+            if let Some(child) = &mut self.child
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("agent exited ({status}) before attaching:\n{}", self.log());
             }
             if Instant::now() > deadline {
                 bail!(

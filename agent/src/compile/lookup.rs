@@ -43,15 +43,15 @@ pub fn decide(
         };
     }
     let mut found = Allowance::default();
-    if let Some(identity) = tables.identities.get(&dst) {
-        if let Some(allowance) = policy_match(tables, endpoint.id, *identity, protocol, port) {
-            found.merge(allowance);
-        }
+    if let Some(identity) = tables.identities.get(&dst)
+        && let Some(allowance) = policy_match(tables, endpoint.id, *identity, protocol, port)
+    {
+        found.merge(allowance);
     }
-    if let Some(class) = cidr_match(tables, endpoint.id, dst) {
-        if let Some(allowance) = policy_match(tables, endpoint.id, class, protocol, port) {
-            found.merge(allowance);
-        }
+    if let Some(class) = cidr_match(tables, endpoint.id, dst)
+        && let Some(allowance) = policy_match(tables, endpoint.id, class, protocol, port)
+    {
+        found.merge(allowance);
     }
     let (verdict, reason) = egret_common::policy_verdict(endpoint.flags, found.flags);
     Decision {

@@ -13,7 +13,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     // SAFETY: c_path is a valid NUL-terminated string; stat is written by the kernel.
     let ok = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } == 0;
     // SAFETY: statfs succeeded, so it filled `stat`.
-    ok && i64::from(unsafe { stat.assume_init() }.f_type) == BPF_FS_MAGIC
+    ok && unsafe { stat.assume_init() }.f_type == BPF_FS_MAGIC
 }
 
 fn links_dir(pin_dir: &Path) -> PathBuf {

@@ -1,4 +1,4 @@
-//! `networking.k8s.io/v1` NetworkPolicy -> [`NetworkPolicy`], validated the way the API
+//! `networking.k8s.io/v1` `NetworkPolicy` -> [`NetworkPolicy`], validated the way the API
 //! server validates, so manifest mode rejects what a cluster would reject. Every error
 //! names the field.
 

@@ -1,5 +1,5 @@
 //! A directory of Kubernetes YAML (or JSON) as a cluster: Namespaces, Pods (with
-//! `status.podIP(s)`), NetworkPolicies. Multi-document files and `List`s are fine.
+//! `status.podIP(s)`), `NetworkPolicies`. Multi-document files and `List`s are fine.
 //! A broken document or object is reported (file, kind, name, field) and skipped;
 //! everything else still counts.
 
@@ -75,7 +75,7 @@ pub enum ManifestError {
     #[error("{location}: {source}")]
     Invalid {
         location: ObjectLocation,
-        source: policy::convert::InvalidField,
+        source: Box<policy::convert::InvalidField>,
     },
     #[error("{location}: defined again (first in {}); the first definition is used", first.display())]
     Duplicate {
@@ -199,7 +199,7 @@ impl Loader {
                     .map(|policy| self.snapshot.insert_policy(policy))
                     .map_err(|source| ManifestError::Invalid {
                         location: location.clone(),
-                        source,
+                        source: Box::new(source),
                     })
             }),
         };

@@ -20,6 +20,8 @@ pub mod names {
     pub const POLICY: &str = "POLICY_V1";
     pub const COUNTERS: &str = "COUNTERS_V1";
     pub const SETTINGS: &str = "SETTINGS_V1";
+    pub const CONNTRACK: &str = "CONNTRACK_V1";
+    pub const FRAGMENTS: &str = "FRAGMENTS_V1";
 }
 
 /// Default capacities; the agent can size every map from its flags.
@@ -29,6 +31,8 @@ pub mod capacity {
     pub const CIDRS: u32 = 131_072;
     pub const POLICY: u32 = 524_288;
     pub const COUNTERS: u32 = 65_536;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 /// Identities with this bit set are CIDR classes of one endpoint, never pods.
@@ -142,13 +146,51 @@ pub const SETTINGS_FLAG_DENY_UNKNOWN: u32 = 1;
 /// Every denial is an audit denial (`--mode audit`).
 pub const SETTINGS_FLAG_AUDIT_ALL: u32 = 1 << 1;
 
+/// Established flows an endpoint sent that a policy change stopped allowing keep
+/// flowing (`--established keep`); by default they are cut.
+pub const SETTINGS_FLAG_KEEP_ESTABLISHED: u32 = 1 << 2;
+
+/// A flow as the endpoint sends it: `src` is the endpoint's address. ICMP echo uses
+/// the echo identifier as both ports, so a request and its reply share a key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns` of the last packet either way.
+    pub last_seen_ns: u64,
+    /// `FLOW_ORIGIN_*`.
+    pub origin: u8,
+    pub pad: [u8; 7],
+}
+
+/// The endpoint accepted the flow: what it sends back is a reply.
+pub const FLOW_ORIGIN_INBOUND: u8 = 1;
+/// The endpoint opened the flow, and its policy allowed it.
+pub const FLOW_ORIGIN_OUTBOUND: u8 = 2;
+
+/// Idle time after which a TCP flow is forgotten.
+pub const FLOW_TIMEOUT_TCP_NS: u64 = 3_600 * 1_000_000_000;
+/// Idle time after which a UDP, SCTP or ICMP flow is forgotten.
+pub const FLOW_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
+
 /// Endpoint id used in counters for packets from an unknown interface or cgroup.
 pub const UNKNOWN_ENDPOINT_ID: u32 = 0;
 
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CidrKey, CounterKey, CounterValue, Endpoint, IpKey, PolicyKey, PolicyValue, Settings,
+        CidrKey, CounterKey, CounterValue, Endpoint, FlowKey, FlowState, IpKey, PolicyKey,
+        PolicyValue, Settings,
     };
 
     // SAFETY: every type is #[repr(C)], made of integers and byte arrays, with explicit
@@ -161,4 +203,6 @@ mod user {
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
 }

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod maps;
 mod packet;
 mod verdict;
@@ -35,6 +36,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
         Verdict::Allow | Verdict::AuditDeny => TC_ACT_OK,
         Verdict::Deny => TC_ACT_SHOT,
     })
+}
+
+/// TC egress of a pod's host-side interface: everything that reaches the pod. Never
+/// drops; it records the flows the pod accepts, so the pod's replies pass.
+#[classifier]
+pub fn egret_to_pod(ctx: TcContext) -> i32 {
+    if let Some(ethertype) = packet::ethertype(&ctx.skb) {
+        verdict::observe_received(&ctx.skb, ETH_HEADER_LEN, ethertype);
+    }
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
 };
 use egret_common::maps::{
-    CidrKey, CounterKey, CounterValue, Endpoint, IpKey, PolicyKey, PolicyValue, Settings, capacity,
+    CidrKey, CounterKey, CounterValue, Endpoint, FlowKey, FlowState, IpKey, PolicyKey, PolicyValue,
+    Settings, capacity,
 };
 
 use crate::packet::FragmentKey;
@@ -32,7 +33,10 @@ static SETTINGS_V1: Array<Settings> = Array::pinned(1, 0);
 
 /// First fragments' destination ports, so later fragments of an allowed datagram pass.
 #[map]
-static FRAGMENTS_V1: LruHashMap<FragmentKey, u16> = LruHashMap::pinned(8_192, 0);
+static FRAGMENTS_V1: LruHashMap<FragmentKey, u16> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+#[map]
+static CONNTRACK_V1: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 pub fn endpoint_by_ifindex(ifindex: u32) -> Option<&'static Endpoint> {
     // SAFETY: endpoint values are replaced whole by userspace, never partially written
@@ -105,4 +109,13 @@ pub fn remember_fragment(key: &FragmentKey, port: u16) {
 pub fn fragment_port(key: &FragmentKey) -> Option<u16> {
     // SAFETY: u16 values are written whole.
     unsafe { FRAGMENTS_V1.get(key) }.copied()
+}
+
+pub fn flow(key: &FlowKey) -> Option<*mut FlowState> {
+    CONNTRACK_V1.get_ptr_mut(key)
+}
+
+pub fn record_flow(key: &FlowKey, state: &FlowState) {
+    // LRU: the oldest flow is evicted rather than the insert failing.
+    let _ = CONNTRACK_V1.insert(key, state, 0);
 }

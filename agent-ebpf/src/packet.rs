@@ -49,6 +49,9 @@ pub struct Packet {
     pub protocol: u8,
     /// Destination port for TCP, UDP and SCTP; 0 otherwise or for later fragments.
     pub dst_port: u16,
+    pub src_port: u16,
+    /// ICMP or ICMPv6 echo request or reply: its identifier names the flow.
+    pub echo_id: Option<u16>,
     pub fragment: Fragment,
     pub fragment_id: u32,
     /// IPv6 neighbour discovery or multicast listener discovery: link plumbing, not a flow.
@@ -120,12 +123,26 @@ fn parse_ipv4(skb: &SkBuff, l3: usize) -> Option<Packet> {
         dst: ipv4_mapped(dst),
         protocol,
         dst_port: 0,
+        src_port: 0,
+        echo_id: None,
         fragment,
         fragment_id,
         is_link_control: false,
     };
-    if packet.has_ports() && fragment != Fragment::Later {
-        packet.dst_port = u16::from_be(skb.load::<u16>(l3 + header_len + 2).ok()?);
+    if fragment == Fragment::Later {
+        return Some(packet);
+    }
+    let l4 = l3 + header_len;
+    if packet.has_ports() {
+        let ports: [u8; 4] = skb.load(l4).ok()?;
+        packet.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        packet.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    } else if packet.protocol == proto::ICMP {
+        let header: [u8; 8] = skb.load(l4).ok()?;
+        // 0: echo reply, 8: echo request.
+        if matches!(header[0], 0 | 8) {
+            packet.echo_id = Some(u16::from_be_bytes([header[4], header[5]]));
+        }
     }
     Some(packet)
 }
@@ -177,6 +194,8 @@ fn parse_ipv6(skb: &SkBuff, l3: usize) -> Option<Packet> {
         dst,
         protocol: next,
         dst_port: 0,
+        src_port: 0,
+        echo_id: None,
         fragment,
         fragment_id,
         is_link_control: false,
@@ -185,11 +204,17 @@ fn parse_ipv6(skb: &SkBuff, l3: usize) -> Option<Packet> {
         return Some(packet);
     }
     if packet.has_ports() {
-        packet.dst_port = u16::from_be(skb.load::<u16>(offset + 2).ok()?);
+        let ports: [u8; 4] = skb.load(offset).ok()?;
+        packet.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        packet.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
     } else if packet.protocol == proto::ICMPV6 {
-        let icmp_type: u8 = skb.load(offset).ok()?;
+        let header: [u8; 8] = skb.load(offset).ok()?;
         // 130-132 and 143: multicast listener discovery; 133-137: neighbour discovery.
-        packet.is_link_control = matches!(icmp_type, 130..=137 | 143);
+        packet.is_link_control = matches!(header[0], 130..=137 | 143);
+        // 128: echo request, 129: echo reply.
+        if matches!(header[0], 128 | 129) {
+            packet.echo_id = Some(u16::from_be_bytes([header[4], header[5]]));
+        }
     }
     Some(packet)
 }

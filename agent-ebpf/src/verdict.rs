@@ -8,12 +8,12 @@ use egret_common::{
         ENDPOINT_FLAG_FAIL_CLOSED, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
         ENDPOINT_FLAG_ISOLATED_AUDITED, ENDPOINT_FLAG_ISOLATED_ENFORCED, Endpoint,
         POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_FULL, SETTINGS_FLAG_AUDIT_ALL,
-        SETTINGS_FLAG_DENY_UNKNOWN, UNKNOWN_ENDPOINT_ID,
+        SETTINGS_FLAG_DENY_UNKNOWN, SETTINGS_FLAG_KEEP_ESTABLISHED, UNKNOWN_ENDPOINT_ID,
     },
 };
 
 use crate::{
-    maps,
+    conntrack, maps,
     packet::{self, Fragment, Packet, Parsed},
 };
 
@@ -21,7 +21,13 @@ use crate::{
 pub fn judge(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: Option<&Endpoint>) -> Verdict {
     let settings = maps::settings();
     let (endpoint_id, (verdict, reason)) = match endpoint {
-        Some(endpoint) => (endpoint.id, decide(skb, l3, ethertype, endpoint)),
+        Some(endpoint) => {
+            let keep_established = settings.flags & SETTINGS_FLAG_KEEP_ESTABLISHED != 0;
+            (
+                endpoint.id,
+                decide(skb, l3, ethertype, endpoint, keep_established),
+            )
+        }
         None if settings.flags & SETTINGS_FLAG_DENY_UNKNOWN != 0 => (
             UNKNOWN_ENDPOINT_ID,
             (Verdict::Deny, Reason::UnknownEndpoint),
@@ -40,7 +46,13 @@ pub fn judge(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: Option<&Endpoint
     verdict
 }
 
-fn decide(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: &Endpoint) -> (Verdict, Reason) {
+fn decide(
+    skb: &SkBuff,
+    l3: usize,
+    ethertype: u16,
+    endpoint: &Endpoint,
+    keep_established: bool,
+) -> (Verdict, Reason) {
     let is_isolated =
         endpoint.flags & (ENDPOINT_FLAG_ISOLATED_ENFORCED | ENDPOINT_FLAG_ISOLATED_AUDITED) != 0;
     let mut packet = match packet::parse(skb, l3, ethertype) {
@@ -58,7 +70,13 @@ fn decide(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: &Endpoint) -> (Verd
     if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
         return (Verdict::Deny, Reason::TableOverflow);
     }
+    if let Some(origin) = conntrack::sent_flow_origin(&packet) {
+        if conntrack::is_reply(origin) || keep_established {
+            return (Verdict::Allow, Reason::Conntrack);
+        }
+    }
     if !is_isolated {
+        conntrack::on_sent_allowed(&packet);
         return (Verdict::Allow, Reason::NotIsolated);
     }
     if packet.fragment == Fragment::Later {
@@ -68,8 +86,11 @@ fn decide(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: &Endpoint) -> (Verd
         }
     }
     let outcome = policy_verdict(endpoint, &packet);
-    if packet.fragment == Fragment::First && outcome.0 != Verdict::Deny {
-        maps::remember_fragment(&packet.fragment_key(), packet.dst_port);
+    if outcome.0 != Verdict::Deny {
+        if packet.fragment == Fragment::First {
+            maps::remember_fragment(&packet.fragment_key(), packet.dst_port);
+        }
+        conntrack::on_sent_allowed(&packet);
     }
     outcome
 }
@@ -108,4 +129,11 @@ fn policy_verdict(endpoint: &Endpoint, packet: &Packet) -> (Verdict, Reason) {
         );
     }
     egret_common::policy_verdict(endpoint.flags, allowed)
+}
+
+/// A packet reaching the endpoint: remember the flow so the endpoint's replies pass.
+pub fn observe_received(skb: &SkBuff, l3: usize, ethertype: u16) {
+    if let Parsed::Ip(packet) = packet::parse(skb, l3, ethertype) {
+        conntrack::on_received(&packet);
+    }
 }

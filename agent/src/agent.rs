@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use egret_common::maps::{SETTINGS_FLAG_AUDIT_ALL, SETTINGS_FLAG_DENY_UNKNOWN, Settings};
+use egret_common::maps::{
+    SETTINGS_FLAG_AUDIT_ALL, SETTINGS_FLAG_DENY_UNKNOWN, SETTINGS_FLAG_KEEP_ESTABLISHED, Settings,
+};
 use thiserror::Error;
 use tracing::{info, warn};
 
@@ -40,6 +42,16 @@ pub enum UnknownPod {
     Deny,
 }
 
+/// What happens to a flow the pod opened when a policy change stops allowing it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Established {
+    /// Judge every packet against the current policy: the flow is cut.
+    #[default]
+    Cut,
+    /// Let flows that were allowed when they opened run until they go idle.
+    Keep,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node_name: String,
@@ -47,6 +59,7 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub mode: GlobalMode,
     pub unknown_pod: UnknownPod,
+    pub established: Established,
     pub capacities: Capacities,
     /// Full re-read and reconcile at least this often.
     pub resync: Duration,
@@ -73,6 +86,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if config.unknown_pod == UnknownPod::Deny {
         settings.flags |= SETTINGS_FLAG_DENY_UNKNOWN;
+    }
+    if config.established == Established::Keep {
+        settings.flags |= SETTINGS_FLAG_KEEP_ESTABLISHED;
     }
     datapath.set_settings(settings)?;
     let resolver = Resolver::new()?;

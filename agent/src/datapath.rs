@@ -32,8 +32,29 @@ use self::image::{KernelImage, diff};
 /// The kernel programs, built by `build.rs` from `agent-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egret"));
 
-/// The TC program that judges what a pod sends (TC ingress of its host-side interface).
-const FROM_POD_PROGRAM: &str = "egret_from_pod";
+/// A TC program and where it attaches on a pod's host-side interface.
+#[derive(Clone, Copy, Debug)]
+struct TcProgram {
+    name: &'static str,
+    attach_type: TcAttachType,
+    /// Name of its pinned links (`links/<pin_name>_if<ifindex>`).
+    pin_name: &'static str,
+}
+
+/// Judges what a pod sends: TC ingress of its host-side interface.
+const FROM_POD: TcProgram = TcProgram {
+    name: "egret_from_pod",
+    attach_type: TcAttachType::Ingress,
+    pin_name: "from_pod",
+};
+/// Records the flows a pod accepts: TC egress of its host-side interface.
+const TO_POD: TcProgram = TcProgram {
+    name: "egret_to_pod",
+    attach_type: TcAttachType::Egress,
+    pin_name: "to_pod",
+};
+/// Attach order: the recorder first, so replies pass from the first packet the judge sees.
+const TC_PROGRAMS: [TcProgram; 2] = [TO_POD, FROM_POD];
 
 /// Default pin directory on a node.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egret";
@@ -148,21 +169,13 @@ impl Datapath {
             .map_max_entries(names::CIDR, capacities.cidrs)
             .map_max_entries(names::POLICY, capacities.policy)
             .load(OBJECT)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .ok_or(DatapathError::Missing {
-                what: "program",
-                name: FROM_POD_PROGRAM,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                name: FROM_POD_PROGRAM,
+        for tc in TC_PROGRAMS {
+            let program = classifier(&mut ebpf, tc)?;
+            program.load().map_err(|source| DatapathError::Program {
+                name: tc.name,
                 source,
             })?;
-        program.load().map_err(|source| DatapathError::Program {
-            name: FROM_POD_PROGRAM,
-            source,
-        })?;
+        }
 
         let endpoints = take_map(&mut ebpf, names::ENDPOINT)?;
         let identities = take_map(&mut ebpf, names::IDENTITY)?;
@@ -305,26 +318,28 @@ impl Datapath {
         Ok(stats)
     }
 
-    /// Attaches the egress program to TC ingress of `interface` (the pod's host side),
-    /// unless a link pinned by an earlier agent already holds it: that link is switched
-    /// to this agent's program atomically, so enforcement never lapses.
+    /// Attaches both programs to `interface` (the pod's host side), unless links pinned
+    /// by an earlier agent already hold it: those are switched to this agent's programs
+    /// atomically, so enforcement never lapses.
     ///
     /// # Errors
-    /// When neither tcx nor a clsact qdisc accepts the program.
+    /// When neither tcx nor a clsact qdisc accepts a program.
     pub fn attach(&mut self, interface: &str, ifindex: u32) -> Result<(), DatapathError> {
-        let link_path = pins::link_path(&self.pin_dir, ifindex);
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .ok_or(DatapathError::Missing {
-                what: "program",
-                name: FROM_POD_PROGRAM,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                name: FROM_POD_PROGRAM,
-                source,
-            })?;
+        for tc in TC_PROGRAMS {
+            self.attach_one(tc, interface, ifindex)?;
+        }
+        info!(%interface, ifindex, "attached");
+        Ok(())
+    }
+
+    fn attach_one(
+        &mut self,
+        tc: TcProgram,
+        interface: &str,
+        ifindex: u32,
+    ) -> Result<(), DatapathError> {
+        let link_path = pins::link_path(&self.pin_dir, tc.pin_name, ifindex);
+        let program = classifier(&mut self.ebpf, tc)?;
         let attach_error = |source| DatapathError::Attach {
             interface: interface.to_owned(),
             source,
@@ -345,7 +360,7 @@ impl Datapath {
             }
             Err(_) => match program.attach_with_options(
                 interface,
-                TcAttachType::Ingress,
+                tc.attach_type,
                 TcAttachOptions::TcxOrder(LinkOrder::first()),
             ) {
                 Ok(id) => id,
@@ -358,14 +373,13 @@ impl Datapath {
                     let id = program
                         .attach_with_options(
                             interface,
-                            TcAttachType::Ingress,
+                            tc.attach_type,
                             TcAttachOptions::Netlink(NlOptions::default()),
                         )
                         .map_err(attach_error)?;
                     // Netlink filters outlive the agent without a pin.
                     let link = program.take_link(id).map_err(attach_error)?;
                     std::mem::forget(link);
-                    info!(%interface, "attached with clsact (no tcx on this kernel)");
                     return Ok(());
                 }
             },
@@ -382,31 +396,45 @@ impl Datapath {
                 path: link_path.clone(),
                 source,
             })?;
-        info!(%interface, ifindex, "attached (tcx, pinned)");
         Ok(())
     }
 
     /// Ifindexes that have a pinned link.
     #[must_use]
     pub fn pinned_links(&self) -> Vec<u32> {
-        pins::pinned_link_ifindexes(&self.pin_dir)
+        pins::pinned_link_ifindexes(&self.pin_dir, FROM_POD.pin_name)
     }
 
-    /// Detaches and unpins the link on `ifindex` (the pod is gone or no longer local).
+    /// Detaches and unpins the links on `ifindex` (the pod is gone or no longer local).
     pub fn detach(&mut self, ifindex: u32) {
-        let path = pins::link_path(&self.pin_dir, ifindex);
-        match PinnedLink::from_pin(&path) {
-            // Dropping the unpinned link closes its last fd: the kernel detaches it.
-            Ok(pinned) => match pinned.unpin() {
-                Ok(link) => drop(link),
-                Err(error) => warn!(ifindex, %error, "cannot unpin link"),
-            },
-            Err(error) => {
-                debug!(ifindex, %error, "no pinned link to detach");
-                let _ = std::fs::remove_file(&path);
+        for tc in TC_PROGRAMS {
+            let path = pins::link_path(&self.pin_dir, tc.pin_name, ifindex);
+            match PinnedLink::from_pin(&path) {
+                // Dropping the unpinned link closes its last fd: the kernel detaches it.
+                Ok(pinned) => match pinned.unpin() {
+                    Ok(link) => drop(link),
+                    Err(error) => warn!(ifindex, %error, "cannot unpin link"),
+                },
+                Err(error) => {
+                    debug!(ifindex, %error, "no pinned link to detach");
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
     }
+}
+
+fn classifier(ebpf: &mut Ebpf, tc: TcProgram) -> Result<&mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(tc.name)
+        .ok_or(DatapathError::Missing {
+            what: "program",
+            name: tc.name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            name: tc.name,
+            source,
+        })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

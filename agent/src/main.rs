@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use egret::{
-    agent::{self, GlobalMode, UnknownPod},
+    agent::{self, Established, GlobalMode, UnknownPod},
     datapath::{self, Capacities, DEFAULT_PIN_DIR},
     simulate::Simulator,
     source::manifest,
@@ -88,6 +88,10 @@ struct RunArgs {
     /// What happens to packets from a pod interface the agent has no policy for yet.
     #[arg(long, value_enum, default_value_t = UnknownPod::Allow)]
     unknown_pod: UnknownPod,
+    /// What happens to flows a pod opened when a policy change stops allowing them:
+    /// cut (judge every packet) or keep (until the flow goes idle).
+    #[arg(long, value_enum, default_value_t = Established::Cut)]
+    established: Established,
     /// Re-read the manifests and reconcile at least this often (seconds).
     #[arg(long, default_value_t = 1.0)]
     resync_seconds: f64,
@@ -144,6 +148,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: args.bpffs,
         mode: args.mode,
         unknown_pod: args.unknown_pod,
+        established: args.established,
         capacities: Capacities {
             endpoints: args.max_endpoints,
             identities: args.max_identities,

@@ -58,6 +58,17 @@ fn ipblock_policy_drops_what_it_does_not_allow() {
         to_other_v6.is_timed_out(),
         "client -> other over IPv6 must be dropped: {to_other_v6}"
     );
+    // Replies of connections the isolated pod accepted pass, whatever its policy says.
+    let to_client = other.tcp_connect(client.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(
+        to_client.is_connected(),
+        "replies from the isolated client must pass: {to_client}"
+    );
+    let to_client_v6 = other.tcp_connect(client.addr_v6(8080), PROBE_TIMEOUT);
+    assert!(
+        to_client_v6.is_connected(),
+        "replies from the isolated client must pass (IPv6): {to_client_v6}"
+    );
     // Pods no policy selects are unrestricted.
     let from_other = other.tcp_connect(allowed.addr_v4(8080), PROBE_TIMEOUT);
     assert!(

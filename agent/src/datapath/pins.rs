@@ -20,26 +20,22 @@ fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
 
-/// Where the link attaching the egress program to interface `ifindex` is pinned.
-pub fn link_path(pin_dir: &Path, ifindex: u32) -> PathBuf {
+/// Where the link attaching program `name` to interface `ifindex` is pinned.
+pub fn link_path(pin_dir: &Path, name: &str, ifindex: u32) -> PathBuf {
     let dir = links_dir(pin_dir);
     let _ = std::fs::create_dir_all(&dir);
-    dir.join(format!("from_pod_if{ifindex}"))
+    dir.join(format!("{name}_if{ifindex}"))
 }
 
-pub fn pinned_link_ifindexes(pin_dir: &Path) -> Vec<u32> {
+/// Interfaces with a pinned link of program `name`.
+pub fn pinned_link_ifindexes(pin_dir: &Path, name: &str) -> Vec<u32> {
+    let prefix = format!("{name}_if");
     let Ok(entries) = std::fs::read_dir(links_dir(pin_dir)) else {
         return Vec::new();
     };
     let mut ifindexes: Vec<u32> = entries
         .filter_map(Result::ok)
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_prefix("from_pod_if")?
-                .parse()
-                .ok()
-        })
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok())
         .collect();
     ifindexes.sort_unstable();
     ifindexes

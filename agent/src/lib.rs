@@ -9,3 +9,5 @@ pub mod policy;
 pub mod simulate;
 pub mod source;
 pub mod state;
+#[cfg(test)]
+mod testing;

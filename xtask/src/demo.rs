@@ -80,10 +80,30 @@ pub fn run(agent: &Path) -> anyhow::Result<()> {
 
     let manifests = tempdir()?;
     let pods = [
-        PodManifest { pod: &frontend, namespace: "shop", labels: &[("app", "frontend")], ports: &[] },
-        PodManifest { pod: &api, namespace: "shop", labels: &[("app", "api")], ports: &[("http", "TCP", 8080)] },
-        PodManifest { pod: &db, namespace: "shop", labels: &[("app", "db")], ports: &[("postgres", "TCP", 5432)] },
-        PodManifest { pod: &scanner, namespace: "tools", labels: &[("app", "scanner")], ports: &[] },
+        PodManifest {
+            pod: &frontend,
+            namespace: "shop",
+            labels: &[("app", "frontend")],
+            ports: &[],
+        },
+        PodManifest {
+            pod: &api,
+            namespace: "shop",
+            labels: &[("app", "api")],
+            ports: &[("http", "TCP", 8080)],
+        },
+        PodManifest {
+            pod: &db,
+            namespace: "shop",
+            labels: &[("app", "db")],
+            ports: &[("postgres", "TCP", 5432)],
+        },
+        PodManifest {
+            pod: &scanner,
+            namespace: "tools",
+            labels: &[("app", "scanner")],
+            ports: &[],
+        },
     ];
     write_file(&manifests, "cluster.yaml", &cluster_yaml(&pods))?;
     write_file(&manifests, "policies.yaml", POLICIES)?;
@@ -91,28 +111,126 @@ pub fn run(agent: &Path) -> anyhow::Result<()> {
 
     let pin_dir = AgentProcess::unique_pin_dir();
     let mut egret = AgentProcess::start(&topology, agent, &manifests, &pin_dir, &[])?;
-    let ifindexes: Vec<u32> = [&frontend, &api, &db, &scanner].iter().map(|p| p.host_ifindex()).collect();
+    let ifindexes: Vec<u32> = [&frontend, &api, &db, &scanner]
+        .iter()
+        .map(|p| p.host_ifindex())
+        .collect();
     egret.wait_attached(&ifindexes, Duration::from_secs(30))?;
 
-    let flows = [
-        Flow { from: &frontend, to: &api, probe: Probe::Tcp(api.addr_v4(8080)), expect_allowed: true, why: "ipBlock, port 8080" },
-        Flow { from: &frontend, to: &api, probe: Probe::Tcp(api.addr_v6(8080)), expect_allowed: true, why: "IPv6 ipBlock, port 8080" },
-        Flow { from: &frontend, to: &api, probe: Probe::Tcp(api.addr_v4(9090)), expect_allowed: false, why: "port 9090 not listed" },
-        Flow { from: &frontend, to: &db, probe: Probe::Tcp(db.addr_v4(5432)), expect_allowed: false, why: "db is in the except" },
-        Flow { from: &frontend, to: &api, probe: Probe::Ping(api.ipv4().into()), expect_allowed: false, why: "rule has ports: no ICMP" },
-        Flow { from: &api, to: &db, probe: Probe::Tcp(db.addr_v4(5432)), expect_allowed: true, why: "podSelector, named port" },
-        Flow { from: &api, to: &db, probe: Probe::Tcp(db.addr_v6(5432)), expect_allowed: true, why: "same, over IPv6" },
-        Flow { from: &api, to: &frontend, probe: Probe::Tcp(frontend.addr_v4(8080)), expect_allowed: false, why: "not the db" },
-        Flow { from: &scanner, to: &db, probe: Probe::Tcp(db.addr_v4(5432)), expect_allowed: true, why: "scanner not isolated" },
-        Flow { from: &scanner, to: &api, probe: Probe::Tcp(api.addr_v4(8080)), expect_allowed: true, why: "api's replies pass" },
-        Flow { from: &scanner, to: &api, probe: Probe::Ping(api.ipv4().into()), expect_allowed: true, why: "echo reply passes" },
-    ];
+    let flows = flows(&frontend, &api, &db, &scanner);
+    let wrong = print_table(&flows);
 
-    println!("{:<24} {:<22} {:<9} {:<10} {}", "flow", "to", "expected", "observed", "why");
+    println!("\nKernel counters (egret counters):");
+    let pin = pin_dir.to_string_lossy().into_owned();
+    let counters = egret
+        .command(&topology, &["counters", "--bpffs", &pin])
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&counters.stdout));
+    drop(egret);
+    std::fs::remove_dir_all(&manifests).ok();
+    anyhow::ensure!(wrong == 0, "{wrong} flows did not behave as expected");
+    println!(
+        "\nAll {} flows behaved as expected; the topology is torn down.",
+        flows.len()
+    );
+    Ok(())
+}
+
+fn flows<'a>(frontend: &'a Pod, api: &'a Pod, db: &'a Pod, scanner: &'a Pod) -> Vec<Flow<'a>> {
+    vec![
+        Flow {
+            from: frontend,
+            to: api,
+            probe: Probe::Tcp(api.addr_v4(8080)),
+            expect_allowed: true,
+            why: "ipBlock, port 8080",
+        },
+        Flow {
+            from: frontend,
+            to: api,
+            probe: Probe::Tcp(api.addr_v6(8080)),
+            expect_allowed: true,
+            why: "IPv6 ipBlock, port 8080",
+        },
+        Flow {
+            from: frontend,
+            to: api,
+            probe: Probe::Tcp(api.addr_v4(9090)),
+            expect_allowed: false,
+            why: "port 9090 not listed",
+        },
+        Flow {
+            from: frontend,
+            to: db,
+            probe: Probe::Tcp(db.addr_v4(5432)),
+            expect_allowed: false,
+            why: "db is in the except",
+        },
+        Flow {
+            from: frontend,
+            to: api,
+            probe: Probe::Ping(api.ipv4().into()),
+            expect_allowed: false,
+            why: "rule has ports: no ICMP",
+        },
+        Flow {
+            from: api,
+            to: db,
+            probe: Probe::Tcp(db.addr_v4(5432)),
+            expect_allowed: true,
+            why: "podSelector, named port",
+        },
+        Flow {
+            from: api,
+            to: db,
+            probe: Probe::Tcp(db.addr_v6(5432)),
+            expect_allowed: true,
+            why: "same, over IPv6",
+        },
+        Flow {
+            from: api,
+            to: frontend,
+            probe: Probe::Tcp(frontend.addr_v4(8080)),
+            expect_allowed: false,
+            why: "not the db",
+        },
+        Flow {
+            from: scanner,
+            to: db,
+            probe: Probe::Tcp(db.addr_v4(5432)),
+            expect_allowed: true,
+            why: "scanner not isolated",
+        },
+        Flow {
+            from: scanner,
+            to: api,
+            probe: Probe::Tcp(api.addr_v4(8080)),
+            expect_allowed: true,
+            why: "api's replies pass",
+        },
+        Flow {
+            from: scanner,
+            to: api,
+            probe: Probe::Ping(api.ipv4().into()),
+            expect_allowed: true,
+            why: "echo reply passes",
+        },
+    ]
+}
+
+/// Probes each flow, prints a row for it, and returns how many behaved unexpectedly.
+fn print_table(flows: &[Flow<'_>]) -> usize {
+    println!(
+        "{:<24} {:<22} {:<9} {:<10} why",
+        "flow", "to", "expected", "observed"
+    );
     let mut wrong = 0;
-    for flow in &flows {
+    for flow in flows {
         let (target, result) = match flow.probe {
-            Probe::Tcp(addr) => (format!("{addr} tcp"), flow.from.tcp_connect(addr, PROBE_TIMEOUT)),
+            Probe::Tcp(addr) => (
+                format!("{addr} tcp"),
+                flow.from.tcp_connect(addr, PROBE_TIMEOUT),
+            ),
             Probe::Ping(ip) => (format!("{ip} icmp"), flow.from.ping(ip, PROBE_TIMEOUT)),
         };
         let observed = observed(&result);
@@ -130,15 +248,7 @@ pub fn run(agent: &Path) -> anyhow::Result<()> {
         );
     }
 
-    println!("\nKernel counters (egret counters):");
-    let pin = pin_dir.to_string_lossy().into_owned();
-    let counters = egret.command(&topology, &["counters", "--bpffs", &pin]).output()?;
-    print!("{}", String::from_utf8_lossy(&counters.stdout));
-    drop(egret);
-    std::fs::remove_dir_all(&manifests).ok();
-    anyhow::ensure!(wrong == 0, "{wrong} flows did not behave as expected");
-    println!("\nAll {} flows behaved as expected; the topology is torn down.", flows.len());
-    Ok(())
+    wrong
 }
 
 fn observed(result: &ProbeResult) -> &'static str {

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything a fresh machine needs, in one place.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -33,6 +34,12 @@ enum Task {
     /// Build a small cluster in network namespaces, enforce example policies, and
     /// print what each probed flow was expected to do and what it really did.
     Demo,
+    /// Run the benchmarks and write BENCHMARKS.md (never part of `test`).
+    Bench {
+        /// A shorter run (under 3 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +52,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test { cargo_args } => {
             setup::run()?;
             test(&cargo_args)
+        }
+        Task::Bench { quick } => {
+            setup::run()?;
+            bench::run(quick)
         }
         Task::Demo => {
             setup::run()?;

@@ -104,7 +104,13 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     }
     let mut command = cargo();
     // The kernel crate only builds for the BPF target (agent/build.rs builds it).
-    command.args(["test", "--workspace", "--exclude", "egret-ebpf", "--no-fail-fast"]);
+    command.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "egret-ebpf",
+        "--no-fail-fast",
+    ]);
     command.arg("--").args(cargo_args);
     run_command(&mut command)
 }

@@ -424,6 +424,58 @@ impl Datapath {
     }
 }
 
+/// Which program a `BPF_PROG_TEST_RUN` exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestProgram {
+    /// The judge of what pods send.
+    FromPod,
+    /// The flow recorder of what reaches pods.
+    ToPod,
+}
+
+/// One `BPF_PROG_TEST_RUN`: the program's return code and the kernel's average time.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRunOutcome {
+    /// `TC_ACT_OK` (0) passes, `TC_ACT_SHOT` (2) drops.
+    pub return_code: u32,
+    pub duration: std::time::Duration,
+}
+
+impl Datapath {
+    /// Runs a program on an Ethernet frame with `BPF_PROG_TEST_RUN`, `repeat` times. The
+    /// kernel runs it as if received on the loopback device, so the endpoint under test
+    /// is the one at ifindex 1.
+    ///
+    /// # Errors
+    /// When the kernel refuses the run.
+    pub fn test_run(
+        &mut self,
+        program: TestProgram,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let tc = match program {
+            TestProgram::FromPod => FROM_POD,
+            TestProgram::ToPod => TO_POD,
+        };
+        let classifier = classifier(&mut self.ebpf, tc)?;
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.repeat = repeat.max(1);
+        let result = classifier
+            .test_run(options)
+            .map_err(|source| DatapathError::Program {
+                name: tc.name,
+                source,
+            })?;
+        Ok(TestRunOutcome {
+            return_code: result.return_value,
+            duration: result.duration,
+        })
+    }
+}
+
 fn classifier(ebpf: &mut Ebpf, tc: TcProgram) -> Result<&mut SchedClassifier, DatapathError> {
     ebpf.program_mut(tc.name)
         .ok_or(DatapathError::Missing {

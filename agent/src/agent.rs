@@ -95,6 +95,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut reconciler = Reconciler {
         ids: ids_avoiding(datapath.held()),
         last_problems: Vec::new(),
+        attached: BTreeSet::new(),
     };
     tokio::pin!(shutdown);
     loop {
@@ -130,6 +131,8 @@ fn ids_avoiding(held: &KernelImage) -> Ids {
 struct Reconciler {
     ids: Ids,
     last_problems: Vec<String>,
+    /// Interfaces this process attached (or took over from a predecessor's pinned links).
+    attached: BTreeSet<u32>,
 }
 
 impl Reconciler {
@@ -181,16 +184,23 @@ impl Reconciler {
         };
         // Attach only once the endpoint's tables are in: its first packet is judged
         // by its policy, not by the unknown-pod default.
-        let attached: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
+        // Links a predecessor pinned are taken over (atomically switched to this
+        // agent's programs) the first time this agent sees their pod.
         for (pod, interface) in &interfaces {
-            if !attached.contains(&interface.ifindex)
-                && let Err(error) = datapath.attach(&interface.name, interface.ifindex)
-            {
-                warn!(%pod, %error, "cannot attach");
+            if self.attached.contains(&interface.ifindex) {
+                continue;
+            }
+            match datapath.attach(&interface.name, interface.ifindex) {
+                Ok(()) => {
+                    self.attached.insert(interface.ifindex);
+                }
+                Err(error) => warn!(%pod, %error, "cannot attach"),
             }
         }
         let wanted: BTreeSet<u32> = ifindexes.values().copied().collect();
-        for ifindex in attached.difference(&wanted) {
+        let pinned: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
+        self.attached.retain(|ifindex| wanted.contains(ifindex));
+        for ifindex in pinned.difference(&wanted) {
             info!(
                 ifindex,
                 "detaching from an interface that no longer leads to a local pod"

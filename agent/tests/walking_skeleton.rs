@@ -2,20 +2,16 @@
 //! policy on a pod's host-side interface; allowed connections pass, others are dropped by
 //! the kernel and counted.
 
-use std::{
-    net::{Ipv4Addr, Ipv6Addr},
-    path::Path,
-    time::Duration,
-};
+use std::time::Duration;
 
 use egret_testbed::{
     Pod, Topology,
-    agent::AgentProcess,
     manifests::{PodManifest, cluster_yaml, write_file},
 };
 
-const AGENT: &str = env!("CARGO_BIN_EXE_egret");
-const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+mod common;
+
+use common::{PROBE_TIMEOUT, add_pod, counted, start_agent};
 
 #[test]
 fn ipblock_policy_drops_what_it_does_not_allow() {
@@ -36,7 +32,7 @@ fn ipblock_policy_drops_what_it_does_not_allow() {
             .is_connected()
     );
 
-    let mut agent = start_agent(&topology, manifests.path());
+    let mut agent = start_agent(&topology, manifests.path(), &[]);
     let ifindexes = [&client, &allowed, &other].map(Pod::host_ifindex);
     agent
         .wait_attached(&ifindexes, Duration::from_secs(20))
@@ -81,26 +77,16 @@ fn ipblock_policy_drops_what_it_does_not_allow() {
         "other is not isolated (IPv6): {from_other_v6}"
     );
 
-    let denied = denied_packets(&agent, &topology, client.host_ifindex());
+    let denied = counted(&agent, &topology, client.host_ifindex(), "deny");
     assert!(
         denied >= 2,
         "the kernel counted {denied} denied packets for the client, expected the SYNs"
     );
     assert_eq!(
-        denied_packets(&agent, &topology, other.host_ifindex()),
+        counted(&agent, &topology, other.host_ifindex(), "deny"),
         0,
         "other was never denied"
     );
-}
-
-fn add_pod(topology: &Topology, name: &str, n: u8) -> Pod {
-    topology
-        .add_pod(
-            name,
-            Ipv4Addr::new(10, 77, 0, n),
-            Ipv6Addr::new(0xfd00, 0xe6e7, 0, 0, 0, 0, 0, u16::from(n)),
-        )
-        .expect("pod")
 }
 
 fn write_manifests(client: &Pod, allowed: &Pod, other: &Pod) -> tempfile::TempDir {
@@ -146,39 +132,3 @@ spec:
         - ipBlock:
             cidr: 10.77.0.2/32
 ";
-
-fn start_agent(topology: &Topology, manifests: &Path) -> AgentProcess {
-    AgentProcess::start(
-        topology,
-        Path::new(AGENT),
-        manifests,
-        &AgentProcess::unique_pin_dir(),
-        &[],
-    )
-    .expect("agent starts")
-}
-
-/// Packets the kernel denied for the endpoint on `ifindex`, from `egret counters`.
-fn denied_packets(agent: &AgentProcess, topology: &Topology, ifindex: u32) -> u64 {
-    let pin_dir = agent.pin_dir().to_str().unwrap().to_owned();
-    let output = agent
-        .command(
-            topology,
-            &["counters", "--bpffs", &pin_dir, "--output", "json"],
-        )
-        .output()
-        .expect("egret counters runs");
-    assert!(
-        output.status.success(),
-        "egret counters: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| {
-            serde_json::from_str::<serde_json::Value>(line).expect("counters print JSON lines")
-        })
-        .filter(|row| row["ifindex"] == ifindex && row["verdict"] == "deny")
-        .map(|row| row["packets"].as_u64().unwrap_or(0))
-        .sum()
-}

@@ -23,6 +23,8 @@ pub struct AgentProcess {
     child: Option<Child>,
     pin_dir: PathBuf,
     log: PathBuf,
+    /// Leave the pins on drop: a successor agent takes them over.
+    keep_pins: bool,
 }
 
 impl AgentProcess {
@@ -76,6 +78,7 @@ impl AgentProcess {
             child: Some(child),
             pin_dir: pin_dir.to_owned(),
             log,
+            keep_pins: false,
         })
     }
 
@@ -149,9 +152,23 @@ impl AgentProcess {
     }
 }
 
+impl AgentProcess {
+    /// Stops the agent the way an upgrade does: its maps and links stay pinned for the
+    /// next agent on the same pin directory. Returns the agent's log.
+    #[must_use]
+    pub fn stop_keeping_pins(mut self) -> String {
+        self.stop();
+        self.keep_pins = true;
+        self.log()
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
+        if self.keep_pins {
+            return;
+        }
         let _ = Command::new(&self.binary)
             .arg("cleanup")
             .arg("--bpffs")

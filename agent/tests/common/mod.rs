@@ -1,0 +1,74 @@
+//! Shared pieces of the privileged integration tests: pods with predictable addresses,
+//! manifests for them, and the agent binary under test.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Duration,
+};
+
+use egret_testbed::{Pod, Topology, agent::AgentProcess};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_egret");
+/// Long enough for a connect on a busy 2-core machine; denied probes take this long.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// A pod at `10.77.0.n` and `fd00:e6e7::n`.
+pub fn add_pod(topology: &Topology, name: &str, n: u8) -> Pod {
+    topology
+        .add_pod(
+            name,
+            Ipv4Addr::new(10, 77, 0, n),
+            Ipv6Addr::new(0xfd00, 0xe6e7, 0, 0, 0, 0, 0, u16::from(n)),
+        )
+        .expect("pod")
+}
+
+pub fn start_agent(topology: &Topology, manifests: &Path, args: &[&str]) -> AgentProcess {
+    start_agent_at(topology, manifests, &AgentProcess::unique_pin_dir(), args)
+}
+
+pub fn start_agent_at(
+    topology: &Topology,
+    manifests: &Path,
+    pin_dir: &Path,
+    args: &[&str],
+) -> AgentProcess {
+    AgentProcess::start(topology, Path::new(AGENT), manifests, pin_dir, args).expect("agent starts")
+}
+
+/// Packets the kernel counted for the endpoint on `ifindex` with `verdict`
+/// (`allow`, `deny`, `audit_deny`), from `egret counters`.
+pub fn counted(agent: &AgentProcess, topology: &Topology, ifindex: u32, verdict: &str) -> u64 {
+    let pin_dir = agent.pin_dir().to_str().unwrap().to_owned();
+    let output = agent
+        .command(
+            topology,
+            &["counters", "--bpffs", &pin_dir, "--output", "json"],
+        )
+        .output()
+        .expect("egret counters runs");
+    assert!(
+        output.status.success(),
+        "egret counters: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).expect("counters print JSON lines")
+        })
+        .filter(|row| row["ifindex"] == ifindex && row["verdict"] == verdict)
+        .map(|row| row["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// A policy selecting `app: <app>` in namespace `shop` for egress, with `egress` rules
+/// given as YAML flow sequences, and optional annotations.
+pub fn egress_policy(name: &str, app: &str, egress: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: shop\n  annotations: {{{annotations}}}\nspec:\n  podSelector:\n    matchLabels: {{app: {app}}}\n  policyTypes: [Egress]\n  egress: {egress}\n"
+    )
+}

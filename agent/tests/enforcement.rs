@@ -1,0 +1,346 @@
+//! Enforcement behaviours on real traffic in network namespaces: audit modes, replies
+//! under deny-all, agent restarts and policy updates under a continuous probe stream.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{PROBE_TIMEOUT, add_pod, counted, egress_policy, start_agent, start_agent_at};
+use egret_testbed::{
+    Pod, Topology,
+    agent::AgentProcess,
+    manifests::{PodManifest, cluster_yaml, write_file},
+};
+
+/// client (app: client), server (app: server), other (app: other), all in `shop`,
+/// each with a TCP and UDP echo on 8080.
+struct Shop {
+    topology: Topology,
+    client: Pod,
+    server: Pod,
+    other: Pod,
+    manifests: tempfile::TempDir,
+    _listeners: Vec<egret_testbed::Listener>,
+}
+
+impl Shop {
+    fn new(policies: &str) -> Self {
+        let topology = Topology::new().expect("topology");
+        let client = add_pod(&topology, "client", 1);
+        let server = add_pod(&topology, "server", 2);
+        let other = add_pod(&topology, "other", 3);
+        let mut listeners = Vec::new();
+        for pod in [&client, &server, &other] {
+            listeners.push(pod.serve_tcp(8080).unwrap());
+            listeners.push(pod.serve_udp(8080).unwrap());
+        }
+        let manifests = tempfile::tempdir().unwrap();
+        let pods = [
+            PodManifest {
+                pod: &client,
+                namespace: "shop",
+                labels: &[("app", "client")],
+                ports: &[],
+            },
+            PodManifest {
+                pod: &server,
+                namespace: "shop",
+                labels: &[("app", "server")],
+                ports: &[],
+            },
+            PodManifest {
+                pod: &other,
+                namespace: "shop",
+                labels: &[("app", "other")],
+                ports: &[],
+            },
+        ];
+        write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
+        write_file(manifests.path(), "policies.yaml", policies).unwrap();
+        Self {
+            topology,
+            client,
+            server,
+            other,
+            manifests,
+            _listeners: listeners,
+        }
+    }
+
+    fn ifindexes(&self) -> [u32; 3] {
+        [&self.client, &self.server, &self.other].map(Pod::host_ifindex)
+    }
+
+    fn start(&self, args: &[&str]) -> AgentProcess {
+        let mut agent = start_agent(&self.topology, self.manifests.path(), args);
+        agent
+            .wait_attached(&self.ifindexes(), Duration::from_secs(20))
+            .unwrap();
+        agent
+    }
+}
+
+const CLIENT_TO_SERVER_ONLY: &str = "[{to: [{podSelector: {matchLabels: {app: server}}}]}]";
+
+#[test]
+fn global_audit_mode_passes_and_counts() {
+    if !egret_testbed::require_root("global_audit_mode_passes_and_counts") {
+        return;
+    }
+    let shop = Shop::new(&egress_policy("client", "client", "[]", ""));
+    let agent = shop.start(&["--mode", "audit"]);
+    let probe = shop
+        .client
+        .tcp_connect(shop.other.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(probe.is_connected(), "audit mode drops nothing: {probe}");
+    assert!(
+        counted(
+            &agent,
+            &shop.topology,
+            shop.client.host_ifindex(),
+            "audit_deny"
+        ) >= 1
+    );
+    assert_eq!(
+        counted(&agent, &shop.topology, shop.client.host_ifindex(), "deny"),
+        0
+    );
+}
+
+#[test]
+fn staged_policy_counts_while_enforcing_policy_drops() {
+    if !egret_testbed::require_root("staged_policy_counts_while_enforcing_policy_drops") {
+        return;
+    }
+    let policies = [
+        egress_policy("client-staged", "client", "[]", "egret.dev/mode: audit"),
+        egress_policy("other-enforced", "other", "[]", ""),
+    ]
+    .join("---\n");
+    let shop = Shop::new(&policies);
+    let agent = shop.start(&[]);
+    let staged = shop
+        .client
+        .tcp_connect(shop.server.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(
+        staged.is_connected(),
+        "a staged policy drops nothing: {staged}"
+    );
+    let enforced = shop
+        .other
+        .tcp_connect(shop.server.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(
+        enforced.is_timed_out(),
+        "the enforcing policy still drops: {enforced}"
+    );
+    let client = shop.client.host_ifindex();
+    assert!(
+        counted(&agent, &shop.topology, client, "audit_deny") >= 1,
+        "staged denials are counted"
+    );
+    assert_eq!(counted(&agent, &shop.topology, client, "deny"), 0);
+    assert!(counted(&agent, &shop.topology, shop.other.host_ifindex(), "deny") >= 1);
+}
+
+#[test]
+fn replies_pass_under_deny_all() {
+    if !egret_testbed::require_root("replies_pass_under_deny_all") {
+        return;
+    }
+    let shop = Shop::new(&egress_policy("client", "client", "[]", ""));
+    let _agent = shop.start(&[]);
+    let tcp = shop
+        .other
+        .tcp_connect(shop.client.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(tcp.is_connected(), "TCP reply from a deny-all pod: {tcp}");
+    let tcp6 = shop
+        .other
+        .tcp_connect(shop.client.addr_v6(8080), PROBE_TIMEOUT);
+    assert!(tcp6.is_connected(), "TCP reply over IPv6: {tcp6}");
+    let udp = shop
+        .other
+        .udp_request(shop.client.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(udp.is_connected(), "UDP reply: {udp}");
+    let ping = shop.other.ping(shop.client.ipv4().into(), PROBE_TIMEOUT);
+    assert!(ping.is_connected(), "echo reply: {ping}");
+    let out = shop
+        .client
+        .udp_request(shop.other.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(
+        out.is_blocked(),
+        "the deny-all pod itself may send nothing: {out}"
+    );
+}
+
+/// Probes client -> server (must connect) and client -> other (must be dropped) until
+/// `done`; returns (probes, wrong verdicts as text).
+fn probe_stream(shop: &Shop, done: &AtomicBool) -> (usize, Vec<String>) {
+    let (mut probes, mut wrong) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let allowed = shop
+            .client
+            .tcp_connect(shop.server.addr_v4(8080), Duration::from_secs(1));
+        if !allowed.is_connected() {
+            wrong.push(format!("client -> server: {allowed}"));
+        }
+        let denied = shop
+            .client
+            .tcp_connect(shop.other.addr_v4(8080), Duration::from_millis(150));
+        if !denied.is_timed_out() {
+            wrong.push(format!("client -> other: {denied}"));
+        }
+        probes += 2;
+    }
+    (probes, wrong)
+}
+
+#[test]
+fn agent_restart_keeps_every_verdict() {
+    if !egret_testbed::require_root("agent_restart_keeps_every_verdict") {
+        return;
+    }
+    let shop = Arc::new(Shop::new(&egress_policy(
+        "client",
+        "client",
+        CLIENT_TO_SERVER_ONLY,
+        "",
+    )));
+    let pin_dir = AgentProcess::unique_pin_dir();
+    let mut first = start_agent_at(&shop.topology, shop.manifests.path(), &pin_dir, &[]);
+    first
+        .wait_attached(&shop.ifindexes(), Duration::from_secs(20))
+        .unwrap();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (shop, done) = (Arc::clone(&shop), Arc::clone(&done));
+        thread::spawn(move || probe_stream(&shop, &done))
+    };
+    thread::sleep(Duration::from_millis(800));
+    let first_log = first.stop_keeping_pins();
+    // No agent at all for a while: the pinned programs and maps keep enforcing.
+    thread::sleep(Duration::from_millis(800));
+    let second = start_agent_at(&shop.topology, shop.manifests.path(), &pin_dir, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !second.log().contains("reconciled") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        second.log().contains("reconciled"),
+        "second agent never reconciled:\n{}",
+        second.log()
+    );
+    let took_over = second.log().matches("attached").count();
+    assert!(
+        took_over >= 3,
+        "the second agent swaps its programs into the pinned links:\n{}",
+        second.log()
+    );
+    thread::sleep(Duration::from_millis(800));
+    done.store(true, Ordering::Relaxed);
+    let (probes, wrong) = stream.join().unwrap();
+    assert!(probes >= 10, "only {probes} probes ran");
+    assert!(
+        wrong.is_empty(),
+        "{} of {probes} verdicts were wrong across the restart:\n{}\nfirst agent:\n{first_log}\nsecond agent:\n{}",
+        wrong.len(),
+        wrong.join("\n"),
+        second.log()
+    );
+    // The restarted agent enforces the same policy from its own tables.
+    let denied = shop
+        .client
+        .tcp_connect(shop.other.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(denied.is_timed_out(), "{denied}");
+}
+
+#[test]
+fn policy_updates_never_drop_an_allowed_flow() {
+    if !egret_testbed::require_root("policy_updates_never_drop_an_allowed_flow") {
+        return;
+    }
+    let shop = Arc::new(Shop::new(&egress_policy(
+        "client",
+        "client",
+        CLIENT_TO_SERVER_ONLY,
+        "",
+    )));
+    let _agent = shop.start(&[]);
+    let done = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (shop, done) = (Arc::clone(&shop), Arc::clone(&done));
+        thread::spawn(move || {
+            let (mut probes, mut wrong) = (0, Vec::new());
+            let deadline = Instant::now() + Duration::from_mins(1);
+            while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let allowed = shop
+                    .client
+                    .tcp_connect(shop.server.addr_v4(8080), Duration::from_secs(1));
+                if !allowed.is_connected() {
+                    wrong.push(format!("client -> server: {allowed}"));
+                }
+                probes += 1;
+            }
+            (probes, wrong)
+        })
+    };
+    // Widen the policy (server and other), then narrow it back, a few times over.
+    let wide = "[{to: [{podSelector: {matchLabels: {app: server}}}, {podSelector: {matchLabels: {app: other}}}], ports: [{port: 8080}]}, {to: [{ipBlock: {cidr: 10.77.0.2/32}}]}]";
+    for round in 0..3 {
+        write_file(
+            shop.manifests.path(),
+            "policies.yaml",
+            &egress_policy("client", "client", wide, ""),
+        )
+        .unwrap();
+        let widened = wait_for(|| {
+            shop.client
+                .tcp_connect(shop.other.addr_v4(8080), PROBE_TIMEOUT)
+                .is_connected()
+        });
+        assert!(widened, "round {round}: the wider policy never took effect");
+        write_file(
+            shop.manifests.path(),
+            "policies.yaml",
+            &egress_policy("client", "client", CLIENT_TO_SERVER_ONLY, ""),
+        )
+        .unwrap();
+        let narrowed = wait_for(|| {
+            shop.client
+                .tcp_connect(shop.other.addr_v4(8080), Duration::from_millis(200))
+                .is_timed_out()
+        });
+        assert!(
+            narrowed,
+            "round {round}: the narrower policy never took effect"
+        );
+    }
+    done.store(true, Ordering::Relaxed);
+    let (probes, wrong) = stream.join().unwrap();
+    assert!(probes >= 5, "only {probes} probes ran");
+    assert!(
+        wrong.is_empty(),
+        "allowed flow dropped during updates:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// Polls `condition` for up to 10 s.
+fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    false
+}

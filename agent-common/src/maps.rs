@@ -22,6 +22,9 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS_V1";
     pub const CONNTRACK: &str = "CONNTRACK_V1";
     pub const FRAGMENTS: &str = "FRAGMENTS_V1";
+    pub const EVENTS: &str = "EVENTS_V1";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET_V1";
+    pub const EVENTS_LOST: &str = "EVENTS_LOST_V1";
 }
 
 /// Default capacities; the agent can size every map from its flags.
@@ -138,7 +141,8 @@ pub struct CounterValue {
 pub struct Settings {
     /// `SETTINGS_FLAG_*` bits.
     pub flags: u32,
-    pub pad: u32,
+    /// Flow events each endpoint may emit per second; the rest are counted as lost.
+    pub events_per_second: u32,
 }
 
 /// Packets from interfaces with no endpoint entry are denied (`--unknown-pod deny`).
@@ -183,14 +187,55 @@ pub const FLOW_TIMEOUT_TCP_NS: u64 = 3_600 * 1_000_000_000;
 /// Idle time after which a UDP, SCTP or ICMP flow is forgotten.
 pub const FLOW_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
 
+/// Emit a flow event for every new flow an endpoint is allowed to open, not only for
+/// denials (`--flow-log-allowed`).
+pub const SETTINGS_FLAG_EVENTS_ALLOWED: u32 = 1 << 3;
+
+/// Default for [`Settings::events_per_second`].
+pub const DEFAULT_EVENTS_PER_SECOND: u32 = 100;
+
+/// Bytes of the flow event ring buffer.
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// A packet worth telling userspace about: a denial (or audit denial), or the first
+/// packet of an allowed flow when allowed flows are logged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` (monotonic since boot).
+    pub timestamp_ns: u64,
+    pub endpoint: u32,
+    /// [`crate::Verdict`] as `u8`.
+    pub verdict: u8,
+    /// [`crate::Reason`] as `u8`.
+    pub reason: u8,
+    pub protocol: u8,
+    /// 1 for IPv6; IPv4 addresses are IPv4-mapped.
+    pub is_ipv6: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub bytes: u32,
+}
+
+/// Per-endpoint event budget for the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventBudget {
+    pub window_start_ns: u64,
+    pub emitted: u32,
+    pub pad: u32,
+}
+
 /// Endpoint id used in counters for packets from an unknown interface or cgroup.
 pub const UNKNOWN_ENDPOINT_ID: u32 = 0;
 
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CidrKey, CounterKey, CounterValue, Endpoint, FlowKey, FlowState, IpKey, PolicyKey,
-        PolicyValue, Settings,
+        CidrKey, CounterKey, CounterValue, Endpoint, EventBudget, FlowEvent, FlowKey, FlowState,
+        IpKey, PolicyKey, PolicyValue, Settings,
     };
 
     // SAFETY: every type is #[repr(C)], made of integers and byte arrays, with explicit
@@ -205,4 +250,6 @@ mod user {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for EventBudget {}
 }

@@ -94,13 +94,18 @@ pub fn sent_flow_origin(packet: &Packet) -> Option<u8> {
     touch(&sent_key(packet)?)
 }
 
-/// The endpoint sent an allowed packet: remember the flow if it opened it.
+/// The endpoint sent an allowed packet: remember the flow if it opened it. Returns
+/// whether the packet opened a flow not seen before.
 #[inline(never)]
-pub fn on_sent_allowed(packet: &Packet) {
-    let Some(key) = sent_key(packet) else { return };
-    if touch(&key).is_none() {
-        record(&key, FLOW_ORIGIN_OUTBOUND);
+pub fn on_sent_allowed(packet: &Packet) -> bool {
+    let Some(key) = sent_key(packet) else {
+        return false;
+    };
+    if touch(&key).is_some() {
+        return false;
     }
+    record(&key, FLOW_ORIGIN_OUTBOUND);
+    true
 }
 
 fn record(key: &FlowKey, origin: u8) {

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod conntrack;
+mod events;
 mod maps;
 mod packet;
 mod verdict;
@@ -45,6 +46,12 @@ pub fn egret_to_pod(ctx: TcContext) -> i32 {
     if let Some(ethertype) = packet::ethertype(&ctx.skb) {
         verdict::observe_received(&ctx.skb, ETH_HEADER_LEN, ethertype);
     }
+    TC_ACT_OK
+}
+
+/// Does nothing but pass: the floor for per-packet cost benchmarks.
+#[classifier]
+pub fn egret_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 

@@ -60,6 +60,8 @@ pub struct Config {
     pub mode: GlobalMode,
     pub unknown_pod: UnknownPod,
     pub established: Established,
+    /// Flow events each endpoint may report per second.
+    pub events_per_second: u32,
     pub capacities: Capacities,
     /// Full re-read and reconcile at least this often.
     pub resync: Duration,
@@ -80,7 +82,10 @@ pub enum AgentError {
 /// failures of single reconciles are logged and retried.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let mut datapath = Datapath::open(&config.pin_dir, config.capacities)?;
-    let mut settings = Settings::default();
+    let mut settings = Settings {
+        flags: 0,
+        events_per_second: config.events_per_second,
+    };
     if config.mode == GlobalMode::Audit {
         settings.flags |= SETTINGS_FLAG_AUDIT_ALL;
     }

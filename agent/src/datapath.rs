@@ -2,6 +2,7 @@
 //! maps pinned under the pin directory, attaches to pod interfaces, and writes the
 //! difference between the tables the kernel holds and the tables it should hold.
 
+pub mod events;
 pub mod image;
 pub mod interfaces;
 mod pins;
@@ -13,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -52,6 +53,12 @@ const TO_POD: TcProgram = TcProgram {
     name: "egret_to_pod",
     attach_type: TcAttachType::Egress,
     pin_name: "to_pod",
+};
+/// Passes everything; only for measuring the cost floor of a TC program.
+const NOOP: TcProgram = TcProgram {
+    name: "egret_noop",
+    attach_type: TcAttachType::Ingress,
+    pin_name: "noop",
 };
 /// Attach order: the recorder first, so replies pass from the first packet the judge sees.
 const TC_PROGRAMS: [TcProgram; 2] = [TO_POD, FROM_POD];
@@ -142,6 +149,7 @@ pub struct Datapath {
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     settings: Array<MapData, Settings>,
+    events: Option<RingBuf<MapData>>,
     /// What the kernel holds, read once at open and kept in step with every write.
     held: KernelImage,
 }
@@ -169,7 +177,7 @@ impl Datapath {
             .map_max_entries(names::CIDR, capacities.cidrs)
             .map_max_entries(names::POLICY, capacities.policy)
             .load(OBJECT)?;
-        for tc in TC_PROGRAMS {
+        for tc in TC_PROGRAMS.into_iter().chain([NOOP]) {
             let program = classifier(&mut ebpf, tc)?;
             program.load().map_err(|source| DatapathError::Program {
                 name: tc.name,
@@ -182,6 +190,7 @@ impl Datapath {
         let cidrs = take_map(&mut ebpf, names::CIDR)?;
         let policy = take_map(&mut ebpf, names::POLICY)?;
         let settings = take_map(&mut ebpf, names::SETTINGS)?;
+        let events = take_map(&mut ebpf, names::EVENTS)?;
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -190,6 +199,7 @@ impl Datapath {
             cidrs,
             policy,
             settings,
+            events: Some(events),
             held: KernelImage::default(),
         };
         datapath.held = datapath.read_held()?;
@@ -222,6 +232,20 @@ impl Datapath {
             image.policy.insert((k.prefix_len(), k.data()), v);
         }
         Ok(image)
+    }
+
+    /// The flow event stream; there is one reader, so the first call takes it.
+    pub fn take_events(&mut self) -> Option<events::EventReader> {
+        self.events.take().map(events::EventReader::new)
+    }
+
+    /// The kernel's count of events it could not deliver.
+    ///
+    /// # Errors
+    /// When the counter map is missing.
+    pub fn lost_events(&mut self) -> Result<events::LostEvents, DatapathError> {
+        let counter = take_map(&mut self.ebpf, names::EVENTS_LOST)?;
+        Ok(events::LostEvents { counter })
     }
 
     /// What the kernel holds now.
@@ -431,6 +455,8 @@ pub enum TestProgram {
     FromPod,
     /// The flow recorder of what reaches pods.
     ToPod,
+    /// A program that passes everything: the floor of per-packet cost.
+    Noop,
 }
 
 /// One `BPF_PROG_TEST_RUN`: the program's return code and the kernel's average time.
@@ -458,6 +484,7 @@ impl Datapath {
         let tc = match program {
             TestProgram::FromPod => FROM_POD,
             TestProgram::ToPod => TO_POD,
+            TestProgram::Noop => NOOP,
         };
         let classifier = classifier(&mut self.ebpf, tc)?;
         let mut options = TestRunOptions::new();

@@ -92,6 +92,9 @@ struct RunArgs {
     /// cut (judge every packet) or keep (until the flow goes idle).
     #[arg(long, value_enum, default_value_t = Established::Cut)]
     established: Established,
+    /// Flow events (denials) each pod may report per second; the rest are counted as lost.
+    #[arg(long, default_value_t = egret_common::maps::DEFAULT_EVENTS_PER_SECOND)]
+    events_per_second: u32,
     /// Re-read the manifests and reconcile at least this often (seconds).
     #[arg(long, default_value_t = 1.0)]
     resync_seconds: f64,
@@ -149,6 +152,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         mode: args.mode,
         unknown_pod: args.unknown_pod,
         established: args.established,
+        events_per_second: args.events_per_second,
         capacities: Capacities {
             endpoints: args.max_endpoints,
             identities: args.max_identities,

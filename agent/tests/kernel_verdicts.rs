@@ -287,7 +287,7 @@ fn audit_mode_counts_instead_of_dropping() {
     }
     let mut bench = Bench::new(Settings {
         flags: SETTINGS_FLAG_AUDIT_ALL,
-        pad: 0,
+        events_per_second: 0,
     });
     assert_eq!(bench.judge(&send(TCP, "8.8.8.8", 443)), PASS);
     assert_eq!(bench.judge(&send(TCP, "10.2.1.1", 80)), PASS);
@@ -311,7 +311,7 @@ fn unknown_interfaces_follow_the_unknown_pod_setting() {
         .datapath
         .set_settings(Settings {
             flags: SETTINGS_FLAG_DENY_UNKNOWN,
-            pad: 0,
+            events_per_second: 0,
         })
         .unwrap();
     assert_eq!(
@@ -320,4 +320,49 @@ fn unknown_interfaces_follow_the_unknown_pod_setting() {
         "--unknown-pod deny"
     );
     assert_eq!(bench.counted(Verdict::Deny, Reason::UnknownEndpoint), 1);
+}
+
+#[test]
+fn denials_become_rate_limited_flow_events() {
+    if !egret_testbed::require_root("denials_become_rate_limited_flow_events") {
+        return;
+    }
+    let mut bench = Bench::new(Settings {
+        flags: 0,
+        events_per_second: 3,
+    });
+    let mut events = bench.datapath.take_events().expect("one reader");
+    let lost = bench.datapath.lost_events().unwrap();
+    let before = lost.total();
+    assert_eq!(bench.judge(&send(TCP, "10.2.1.1", 80)), PASS);
+    assert!(
+        events.next_event().is_none(),
+        "allowed flows are not reported unless asked"
+    );
+    for port in 1..=5 {
+        assert_eq!(bench.judge(&send(UDP, "fd00:2::5", port)), DROP);
+    }
+    let mut seen = Vec::new();
+    while let Some(event) = events.next_event() {
+        seen.push(event);
+    }
+    assert_eq!(seen.len(), 3, "three events per second per endpoint");
+    assert_eq!(lost.total() - before, 2, "the rest are counted as lost");
+    let first = seen[0];
+    assert_eq!(
+        (first.verdict, first.reason),
+        (Verdict::Deny as u8, Reason::NoRuleAllows as u8)
+    );
+    assert_eq!(
+        (
+            first.protocol,
+            first.is_ipv6,
+            first.dst_port,
+            first.src_port
+        ),
+        (UDP, 1, 1, 40000)
+    );
+    assert_eq!(first.src, ME6.parse::<Ipv6Addr>().unwrap().octets());
+    assert_eq!(first.dst, "fd00:2::5".parse::<Ipv6Addr>().unwrap().octets());
+    assert_ne!(first.endpoint, 0);
 }

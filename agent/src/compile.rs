@@ -197,13 +197,22 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
                 flags: program.flags | address_flags(pod),
                 ipv4: pod.ipv4(),
                 ipv6: pod.ipv6(),
-                isolated_by: program.isolated_by,
+                isolated_by: program.isolated_by.clone(),
             },
         );
-        for (identity, grants) in program.identity_grants {
-            insert_grants(&mut compiled.tables.policy, endpoint, identity, &grants);
+        for (identity, grants) in &program.identity_grants {
+            insert_grants(&mut compiled.tables.policy, endpoint, *identity, grants);
         }
-        class_grants.insert(pod.key(), cidr::classes(&program.blocks));
+        let mut classes: BTreeMap<IpNet, Grants> =
+            cidr::classes(&program.blocks).into_iter().collect();
+        if program.flags != 0 {
+            // A Service address is judged by its backends alone (as after translation),
+            // so its entry replaces whatever the blocks around it would allow.
+            let services =
+                service_grants(snapshot, &program, &classes, &compiled.tables.identities);
+            classes.extend(services);
+        }
+        class_grants.insert(pod.key(), classes.into_iter().collect());
     }
 
     // Classes are numbered by content, so an unchanged class keeps its number and a
@@ -222,6 +231,55 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         }
     }
     compiled
+}
+
+/// What the endpoint may send to each Service address: a service port is allowed
+/// exactly when every ready backend of it (at its own target port) is allowed.
+fn service_grants(
+    snapshot: &Snapshot,
+    program: &EndpointProgram,
+    classes: &BTreeMap<IpNet, Grants>,
+    identities: &BTreeMap<IpAddr, u32>,
+) -> BTreeMap<IpNet, Grants> {
+    let mut out = BTreeMap::new();
+    for service in snapshot
+        .services
+        .values()
+        .filter(|s| !s.virtual_ips.is_empty())
+    {
+        let mut grants = Grants::new();
+        for port in &service.ports {
+            let backends = snapshot.backends(service, port);
+            if backends.is_empty() {
+                continue;
+            }
+            let protocol = port.protocol.number();
+            let (mut all_enforced, mut all_allowed) = (true, true);
+            let mut policies = BTreeSet::new();
+            for (ip, number) in backends {
+                let allowance = program.allowance_at(classes, identities, ip, protocol, number);
+                all_enforced &= allowance.flags & POLICY_ALLOW_ENFORCED != 0;
+                all_allowed &= allowance.flags != 0;
+                policies.extend(allowance.policies);
+            }
+            if all_allowed {
+                let flags = if all_enforced {
+                    POLICY_ALLOW_ENFORCED | POLICY_ALLOW_AUDITED
+                } else {
+                    POLICY_ALLOW_AUDITED
+                };
+                grants.insert(
+                    PortPrefix::port(protocol, port.port),
+                    Allowance { flags, policies },
+                );
+            }
+        }
+        ports::close_over_prefixes(&mut grants);
+        for ip in &service.virtual_ips {
+            out.insert(IpNet::from(*ip), grants.clone());
+        }
+    }
+    out
 }
 
 fn address_flags(pod: &Pod) -> u32 {
@@ -367,6 +425,34 @@ impl EndpointProgram {
                 }
             }
         }
+    }
+
+    /// What this endpoint's grants allow for one packet, looked up as the kernel does.
+    fn allowance_at(
+        &self,
+        classes: &BTreeMap<IpNet, Grants>,
+        identities: &BTreeMap<IpAddr, u32>,
+        ip: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Allowance {
+        let mut found = Allowance::default();
+        let by_identity = identities
+            .get(&ip)
+            .and_then(|id| self.identity_grants.get(id));
+        let by_class = classes
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, grants)| grants);
+        for grants in [by_identity, by_class].into_iter().flatten() {
+            if let Some(allowance) =
+                lookup::port_candidates(protocol, port).find_map(|p| grants.get(&p))
+            {
+                found.merge(allowance);
+            }
+        }
+        found
     }
 
     fn add_identity(&mut self, identity: u32, grants: &Grants) {

@@ -1,3 +1,4 @@
 //! Where cluster state comes from.
 
 pub mod manifest;
+pub mod objects;

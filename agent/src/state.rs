@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::policy::{Labels, NamedPort, NetworkPolicy, PodView, PolicyRef};
+use crate::policy::{Labels, NamedPort, NetworkPolicy, PodView, PolicyRef, Protocol};
 
 /// The label the API server puts on every namespace (Kubernetes >= 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -128,12 +128,47 @@ impl PodView for Pod {
     }
 }
 
+/// A port a Service exposes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServicePort {
+    /// Matches the EndpointSlice port of the same name (empty when unnamed).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A Service's virtual addresses: what kube-proxy translates to a backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// ClusterIPs, external IPs and load-balancer ingress IPs; empty for headless
+    /// services, which have no virtual address.
+    pub virtual_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+/// One EndpointSlice: backends of a Service, with ports already resolved to numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// The `kubernetes.io/service-name` label.
+    pub service: String,
+    /// (port name, protocol, number).
+    pub ports: Vec<(String, Protocol, u16)>,
+    /// Addresses of ready endpoints.
+    pub ready_addresses: Vec<IpAddr>,
+}
+
 /// Everything the compiler needs, keyed for deterministic iteration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
 }
 
 impl Snapshot {
@@ -161,6 +196,40 @@ impl Snapshot {
 
     pub fn insert_policy(&mut self, policy: NetworkPolicy) {
         self.policies.insert(policy.id.clone(), policy);
+    }
+
+    pub fn insert_service(&mut self, service: Service) {
+        self.services
+            .insert(ObjectKey::new(&service.namespace, &service.name), service);
+    }
+
+    pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
+        self.endpoint_slices
+            .insert(ObjectKey::new(&slice.namespace, &slice.name), slice);
+    }
+
+    /// Ready backends of `service` for its port named `port_name`: (address, number).
+    #[must_use]
+    pub fn backends(&self, service: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
+        let mut backends: Vec<(IpAddr, u16)> = self
+            .endpoint_slices
+            .values()
+            .filter(|s| s.namespace == service.namespace && s.service == service.name)
+            .flat_map(|slice| {
+                let number = slice
+                    .ports
+                    .iter()
+                    .find(|(name, protocol, _)| *name == port.name && *protocol == port.protocol)
+                    .map(|(_, _, number)| *number);
+                slice
+                    .ready_addresses
+                    .iter()
+                    .filter_map(move |ip| number.map(|n| (*ip, n)))
+            })
+            .collect();
+        backends.sort_unstable();
+        backends.dedup();
+        backends
     }
 
     /// The pod whose address is `ip`, among pods that take part in policy.

@@ -75,8 +75,7 @@ fn cidr_match(tables: &Tables, endpoint: u32, dst: IpAddr) -> Option<u32> {
     })
 }
 
-/// Longest match in the policy table, as the kernel keys it: ports only for TCP, UDP
-/// and SCTP; other protocols match "whole protocol" and "any protocol" entries.
+/// Longest match in the policy table, as the kernel keys it.
 fn policy_match(
     tables: &Tables,
     endpoint: u32,
@@ -84,11 +83,23 @@ fn policy_match(
     protocol: u8,
     port: u16,
 ) -> Option<&Allowance> {
+    port_candidates(protocol, port).find_map(|ports| {
+        tables.policy.get(&PolicyEntryKey {
+            endpoint,
+            identity,
+            ports,
+        })
+    })
+}
+
+/// The keys a lookup tries, longest first, as the kernel keys them: ports only for
+/// TCP, UDP and SCTP; other protocols match "whole protocol" and "any protocol" entries.
+pub(super) fn port_candidates(protocol: u8, port: u16) -> impl Iterator<Item = PortPrefix> {
     let has_ports = matches!(protocol, proto::TCP | proto::UDP | proto::SCTP);
     let (port, longest) = if has_ports { (port, 16) } else { (0, 0) };
-    let candidates = (0..=longest)
+    (0..=longest)
         .rev()
-        .map(|len| {
+        .map(move |len| {
             let shift = 16 - u32::from(len);
             let masked = u16::try_from((u32::from(port) >> shift) << shift & 0xFFFF).unwrap_or(0);
             PortPrefix::Protocol {
@@ -97,15 +108,5 @@ fn policy_match(
                 len,
             }
         })
-        .chain(std::iter::once(PortPrefix::AnyProtocol));
-    for ports in candidates {
-        if let Some(allowance) = tables.policy.get(&PolicyEntryKey {
-            endpoint,
-            identity,
-            ports,
-        }) {
-            return Some(allowance);
-        }
-    }
-    None
+        .chain(std::iter::once(PortPrefix::AnyProtocol))
 }

@@ -483,3 +483,69 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn service_address_is_allowed_when_every_ready_backend_is() {
+    use crate::state::{EndpointSlice, Service, ServicePort};
+    let mut s = shop();
+    // db: two ready backends, 10.0.0.3 (allowed for api on postgres 5432) and
+    // 10.0.1.1 (tools/scan: api may reach the infra team on any port).
+    s.insert_service(Service {
+        namespace: "shop".into(),
+        name: "db".into(),
+        virtual_ips: vec!["10.96.0.10".parse().unwrap()],
+        ports: vec![ServicePort {
+            name: "sql".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        }],
+    });
+    let slice = |name: &str, port: u16, ready: &[&str]| EndpointSlice {
+        namespace: "shop".into(),
+        name: name.into(),
+        service: "db".into(),
+        ports: vec![("sql".into(), Protocol::Tcp, port)],
+        ready_addresses: ready.iter().map(|ip| ip.parse().unwrap()).collect(),
+    };
+    s.insert_endpoint_slice(slice("db-a", 5432, &["10.0.0.3"]));
+    s.insert_endpoint_slice(slice("db-b", 5432, &["10.0.1.1"]));
+    let compiled = compile(&s, &Scope::Cluster, &Ids::default());
+    let decide = |from: &str, port: u16| {
+        let endpoint = &compiled.tables.endpoints[&ObjectKey::parse(from).unwrap()];
+        lookup::decide(
+            &compiled.tables,
+            endpoint,
+            "10.96.0.10".parse().unwrap(),
+            proto::TCP,
+            port,
+        )
+        .verdict
+    };
+    assert_eq!(
+        decide("shop/api", 80),
+        Verdict::Allow,
+        "both backends allowed at their target port"
+    );
+    assert_eq!(decide("shop/api", 81), Verdict::Deny, "not a service port");
+    // web may reach 10.0.0.0/16 on 8000-8100 only: the backends' 5432 is not allowed,
+    // even though the service address itself is outside every block web has.
+    assert_eq!(decide("shop/web", 80), Verdict::Deny);
+
+    // A backend the pod may not reach makes the whole service port denied.
+    s.insert_endpoint_slice(slice("db-c", 5432, &["10.0.0.1"]));
+    let compiled = compile(&s, &Scope::Cluster, &Ids::default());
+    let endpoint = &compiled.tables.endpoints[&ObjectKey::parse("shop/api").unwrap()];
+    let verdict = lookup::decide(
+        &compiled.tables,
+        endpoint,
+        "10.96.0.10".parse().unwrap(),
+        proto::TCP,
+        80,
+    )
+    .verdict;
+    assert_eq!(
+        verdict,
+        Verdict::Deny,
+        "web (10.0.0.1) is not allowed for api"
+    );
+}

@@ -5,24 +5,19 @@
 
 use std::{
     fmt,
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use k8s_openapi::{
-    api::{core::v1 as core, networking::v1 as networking},
+    api::{core::v1 as core, discovery::v1 as discovery, networking::v1 as networking},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use thiserror::Error;
 
-use crate::{
-    policy::{self, NamedPort, Protocol},
-    state::{Namespace, ObjectKey, Pod, PodPhase, Snapshot},
-};
-
-const DEFAULT_NAMESPACE: &str = "default";
+use super::objects::{self, DEFAULT_NAMESPACE};
+use crate::{policy, state::Snapshot};
 
 /// What a manifest directory holds, and what was wrong with it.
 #[derive(Debug, Default)]
@@ -170,7 +165,7 @@ impl Loader {
         let location = locate(file, &kind, &value);
         let namespaced_name = location.name.clone();
         match kind.as_str() {
-            "Namespace" | "Pod" | "NetworkPolicy" => {
+            "Namespace" | "Pod" | "NetworkPolicy" | "Service" | "EndpointSlice" => {
                 if let Some(first) = self.seen.get(&(kind.clone(), namespaced_name.clone())) {
                     self.problems.push(ManifestError::Duplicate {
                         location,
@@ -185,15 +180,19 @@ impl Loader {
             _ => return,
         }
         let result = match kind.as_str() {
-            "Namespace" => typed::<core::Namespace>(&location, value).map(|ns| {
-                self.snapshot.insert_namespace(Namespace {
-                    name: ns.metadata.name.unwrap_or_default(),
-                    labels: ns.metadata.labels.unwrap_or_default(),
-                });
-            }),
+            "Namespace" => typed::<core::Namespace>(&location, value)
+                .map(|ns| self.snapshot.insert_namespace(objects::namespace(&ns))),
             "Pod" => typed::<core::Pod>(&location, value)
-                .and_then(|pod| pod_from_api(&pod, &location))
+                .and_then(|pod| objects::pod(&pod).map_err(|e| malformed(&location, e)))
                 .map(|pod| self.snapshot.insert_pod(pod)),
+            "Service" => typed::<core::Service>(&location, value)
+                .and_then(|service| objects::service(&service).map_err(|e| malformed(&location, e)))
+                .map(|service| self.snapshot.insert_service(service)),
+            "EndpointSlice" => typed::<discovery::EndpointSlice>(&location, value)
+                .and_then(|slice| {
+                    objects::endpoint_slice(&slice).map_err(|e| malformed(&location, e))
+                })
+                .map(|slice| self.snapshot.insert_endpoint_slice(slice)),
             _ => typed::<networking::NetworkPolicy>(&location, value).and_then(|policy| {
                 policy::convert::network_policy(&policy, DEFAULT_NAMESPACE)
                     .map(|policy| self.snapshot.insert_policy(policy))
@@ -261,90 +260,28 @@ impl HasMetadata for core::Pod {
     }
 }
 
-impl HasMetadata for networking::NetworkPolicy {
+impl HasMetadata for core::Service {
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
     }
 }
 
-/// Trims an API pod to what policy needs.
-///
-/// # Errors
-/// An address that does not parse, or a container port with an unknown protocol.
-pub fn pod_from_api(pod: &core::Pod, location: &ObjectLocation) -> Result<Pod, ManifestError> {
-    let malformed = |field: String, message: String| ManifestError::Malformed {
+impl HasMetadata for discovery::EndpointSlice {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+fn malformed(location: &ObjectLocation, error: objects::FieldError) -> ManifestError {
+    ManifestError::Malformed {
         location: location.clone(),
-        field,
-        message,
-    };
-    let status = pod.status.clone().unwrap_or_default();
-    let spec = pod.spec.clone().unwrap_or_default();
-    let mut ips = Vec::new();
-    let listed: Vec<(String, String)> = match &status.pod_ips {
-        Some(pod_ips) if !pod_ips.is_empty() => pod_ips
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| (format!("status.podIPs[{i}].ip"), ip.ip.clone()))
-            .collect(),
-        _ => status
-            .pod_ip
-            .iter()
-            .map(|ip| ("status.podIP".to_owned(), ip.clone()))
-            .collect(),
-    };
-    for (field, text) in listed {
-        let ip: IpAddr = text
-            .parse()
-            .map_err(|_| malformed(field.clone(), format!("{text:?} is not an IP address")))?;
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
+        field: error.field,
+        message: error.message,
     }
-    let mut named_ports = Vec::new();
-    for (c, container) in spec.containers.iter().enumerate() {
-        for (p, port) in container.ports.iter().flatten().enumerate() {
-            let Some(name) = &port.name else { continue };
-            let protocol_name = port.protocol.as_deref().unwrap_or("TCP");
-            let protocol = Protocol::from_name(protocol_name).ok_or_else(|| {
-                malformed(
-                    format!("spec.containers[{c}].ports[{p}].protocol"),
-                    format!("unknown protocol {protocol_name:?} (expected TCP, UDP or SCTP)"),
-                )
-            })?;
-            let number = u16::try_from(port.container_port)
-                .ok()
-                .filter(|n| *n != 0)
-                .ok_or_else(|| {
-                    malformed(
-                        format!("spec.containers[{c}].ports[{p}].containerPort"),
-                        format!("{} is outside 1-65535", port.container_port),
-                    )
-                })?;
-            named_ports.push(NamedPort {
-                name: name.clone(),
-                protocol,
-                port: number,
-            });
-        }
+}
+
+impl HasMetadata for networking::NetworkPolicy {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
     }
-    let key = ObjectKey::new(
-        pod.metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        pod.metadata.name.clone().unwrap_or_default(),
-    );
-    Ok(Pod {
-        namespace: key.namespace,
-        name: key.name,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        node_name: spec.node_name.clone(),
-        host_network: spec.host_network.unwrap_or(false),
-        phase: status
-            .phase
-            .as_deref()
-            .map_or(PodPhase::Pending, PodPhase::from_name),
-        ips,
-        named_ports,
-    })
 }

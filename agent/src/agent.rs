@@ -1,16 +1,21 @@
-//! `egret run`: one loop that reads the sources, compiles the whole snapshot, and makes
-//! the kernel hold the result. Nothing writes a map except this loop's apply step.
+//! `egret run`: sources send updates; one task owns the snapshot, and a debounced
+//! reconcile compiles the whole of it and makes the kernel hold the result. Nothing
+//! writes a map except this loop's apply step.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::PathBuf,
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use egret_common::maps::{
-    SETTINGS_FLAG_AUDIT_ALL, SETTINGS_FLAG_DENY_UNKNOWN, SETTINGS_FLAG_KEEP_ESTABLISHED, Settings,
+    SETTINGS_FLAG_AUDIT_ALL, SETTINGS_FLAG_DENY_UNKNOWN, SETTINGS_FLAG_EVENTS_ALLOWED,
+    SETTINGS_FLAG_KEEP_ESTABLISHED, Settings,
 };
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
@@ -18,10 +23,11 @@ use crate::{
     datapath::{
         Capacities, Datapath, DatapathError,
         image::KernelImage,
-        interfaces::{InterfaceError, Resolver},
+        interfaces::{self, InterfaceError, Resolver},
     },
-    source::manifest,
-    state::ObjectKey,
+    observe::{EndpointName, Health, KindLabels, MapLabels, Metrics, StateLabels, http},
+    source::{self, Update},
+    state::{ObjectKey, Snapshot},
 };
 
 /// What happens to every denial.
@@ -52,19 +58,33 @@ pub enum Established {
     Keep,
 }
 
+/// Where cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    /// The API server: in-cluster config, or this kubeconfig.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub pin_dir: PathBuf,
     pub mode: GlobalMode,
     pub unknown_pod: UnknownPod,
     pub established: Established,
     /// Flow events each endpoint may report per second.
     pub events_per_second: u32,
+    /// Report new allowed flows too, not only denials.
+    pub events_allowed: bool,
     pub capacities: Capacities,
-    /// Full re-read and reconcile at least this often.
+    /// Full re-read and reconcile at least this often (a safety net under events).
     pub resync: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Error)]
@@ -73,15 +93,130 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Interfaces(#[from] InterfaceError),
+    #[error("connecting to the API server: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("reading the kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("serving metrics on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
+
+/// Debounce: reconcile this long after the last update of a burst...
+const QUIET: Duration = Duration::from_millis(20);
+/// ...but never later than this after the first.
+const MAX_DELAY: Duration = Duration::from_millis(200);
 
 /// Runs until `shutdown` resolves. Enforcement stays pinned in place afterwards.
 ///
 /// # Errors
-/// When the kernel programs cannot be loaded or the netlink socket cannot be opened;
-/// failures of single reconciles are logged and retried.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// When the kernel programs cannot be loaded, the API server cannot be configured, or
+/// the metrics address cannot be bound; failures of single reconciles are logged,
+/// counted and retried.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
     let mut datapath = Datapath::open(&config.pin_dir, config.capacities)?;
+    datapath.set_settings(settings(&config))?;
+    let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
+    for (map, capacity) in capacity_rows(config.capacities) {
+        metrics
+            .map_capacity
+            .get_or_create(&MapLabels {
+                map: map.to_owned(),
+            })
+            .set(i64::from(capacity));
+    }
+    let health = Arc::new(Health::new((config.resync * 3).max(Duration::from_mins(1))));
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = config.metrics_addr {
+        let observed = http::Observed {
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+        };
+        let listener_shutdown = wait_for(shutdown_rx.clone());
+        let server = http::serve(addr, observed, listener_shutdown);
+        let bound = tokio::spawn(server);
+        // Surface a bind error now rather than from a detached task.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if bound.is_finished() {
+            return match bound.await {
+                Ok(Err(source)) => Err(AgentError::Serve { addr, source }),
+                _ => Ok(()),
+            };
+        }
+    }
+
+    let (updates, received) = mpsc::channel(4096);
+    let pending_sources: BTreeSet<&'static str> = match &config.source {
+        SourceConfig::Manifests(dir) => {
+            let (dir, updates, resync) = (dir.clone(), updates.clone(), config.resync);
+            tokio::spawn(async move {
+                if let Err(error) = source::manifest::watch(dir.clone(), updates, resync).await {
+                    warn!(dir = %dir.display(), %error, "cannot watch the manifest directory");
+                }
+            });
+            BTreeSet::from(["manifests"])
+        }
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_ref()).await?;
+            tokio::spawn(source::kube::run(client, updates.clone()));
+            source::kube::KINDS.into_iter().collect()
+        }
+    };
+    let (link_tx, mut link_rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        if let Err(error) = interfaces::watch_changes(link_tx).await {
+            warn!(%error, "cannot watch links and routes; relying on resyncs");
+        }
+    });
+    let poke = updates.clone();
+    tokio::spawn(async move {
+        while link_rx.recv().await.is_some() {
+            if poke
+                .send(Update::Poke {
+                    received: Instant::now(),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    drop(updates);
+
+    let mut reconciler = Reconciler {
+        node: config.node_name.clone(),
+        snapshot: Snapshot::default(),
+        ids: ids_avoiding(datapath.held()),
+        problems: Vec::new(),
+        attached: BTreeSet::new(),
+        pending_sources,
+        batch: Vec::new(),
+        resolver: Resolver::new()?,
+        metrics,
+        health,
+    };
+    reconciler
+        .run(&mut datapath, received, config.resync, shutdown)
+        .await;
+    let _ = shutdown_tx.send(true);
+    info!(
+        "shutting down; enforcement stays pinned under {}",
+        config.pin_dir.display()
+    );
+    Ok(())
+}
+
+async fn wait_for(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|down| *down).await;
+}
+
+fn settings(config: &Config) -> Settings {
     let mut settings = Settings {
         flags: 0,
         events_per_second: config.events_per_second,
@@ -95,28 +230,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.established == Established::Keep {
         settings.flags |= SETTINGS_FLAG_KEEP_ESTABLISHED;
     }
-    datapath.set_settings(settings)?;
-    let resolver = Resolver::new()?;
-    let mut reconciler = Reconciler {
-        ids: ids_avoiding(datapath.held()),
-        last_problems: Vec::new(),
-        attached: BTreeSet::new(),
-    };
-    tokio::pin!(shutdown);
-    loop {
-        reconciler
-            .reconcile(&config, &mut datapath, &resolver)
-            .await;
-        tokio::select! {
-            () = &mut shutdown => break,
-            () = tokio::time::sleep(config.resync) => {}
-        }
+    if config.events_allowed {
+        settings.flags |= SETTINGS_FLAG_EVENTS_ALLOWED;
     }
-    info!(
-        "shutting down; enforcement stays pinned under {}",
-        config.pin_dir.display()
-    );
-    Ok(())
+    settings
+}
+
+fn capacity_rows(capacities: Capacities) -> [(&'static str, u32); 4] {
+    use egret_common::maps::names;
+    [
+        (names::ENDPOINT, capacities.endpoints),
+        (names::IDENTITY, capacities.identities),
+        (names::CIDR, capacities.cidrs),
+        (names::POLICY, capacities.policy),
+    ]
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, AgentError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(kube::Error::InferConfig)?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// After a restart the kernel holds numbers this agent did not hand out: the first
@@ -134,45 +278,127 @@ fn ids_avoiding(held: &KernelImage) -> Ids {
 }
 
 struct Reconciler {
+    node: String,
+    snapshot: Snapshot,
     ids: Ids,
-    last_problems: Vec<String>,
+    /// Problems reported last time, so each is logged when it appears, not every resync.
+    problems: Vec<String>,
     /// Interfaces this process attached (or took over from a predecessor's pinned links).
     attached: BTreeSet<u32>,
+    /// Sources that have not yet delivered a complete view: not ready until empty.
+    pending_sources: BTreeSet<&'static str>,
+    /// Arrival times of the changes not yet in the kernel.
+    batch: Vec<Instant>,
+    resolver: Resolver,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl Reconciler {
-    async fn reconcile(&mut self, config: &Config, datapath: &mut Datapath, resolver: &Resolver) {
-        let started = std::time::Instant::now();
-        let manifests = manifest::load_dir(&config.manifests);
-        let compiled = compile::compile(
-            &manifests.snapshot,
-            &Scope::Node(config.node_name.clone()),
-            &self.ids,
-        );
+    async fn run(
+        &mut self,
+        datapath: &mut Datapath,
+        mut updates: mpsc::Receiver<Update>,
+        resync: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut resync_timer = tokio::time::interval(resync);
+        resync_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut due: Option<tokio::time::Instant> = None;
+        loop {
+            let deadline = due.unwrap_or_else(|| tokio::time::Instant::now() + resync);
+            tokio::select! {
+                () = &mut shutdown => return,
+                update = updates.recv() => {
+                    let Some(update) = update else { return };
+                    if self.absorb(update) {
+                        let first = self.batch.first().copied().map_or_else(tokio::time::Instant::now, Into::into);
+                        due = Some((tokio::time::Instant::now() + QUIET).min(first + MAX_DELAY));
+                    }
+                }
+                () = tokio::time::sleep_until(deadline), if due.is_some() => {
+                    due = None;
+                    self.reconcile(datapath).await;
+                }
+                _ = resync_timer.tick() => {
+                    if self.pending_sources.is_empty() || !self.snapshot.pods.is_empty() {
+                        self.reconcile(datapath).await;
+                    }
+                }
+            }
+            self.health.tick();
+        }
+    }
 
+    /// Applies an update to the snapshot; true when a reconcile is due.
+    fn absorb(&mut self, update: Update) -> bool {
+        match update {
+            Update::Replace {
+                snapshot,
+                problems,
+                received,
+            } => {
+                self.snapshot = *snapshot;
+                if problems != self.problems {
+                    for problem in &problems {
+                        warn!("{problem}");
+                    }
+                    self.problems = problems;
+                }
+                self.batch.push(received);
+            }
+            Update::ReplaceKind {
+                kind,
+                objects,
+                received,
+            } => {
+                self.snapshot.replace_kind(kind, objects);
+                self.batch.push(received);
+            }
+            Update::Apply { object, received } => {
+                self.snapshot.apply(object);
+                self.batch.push(received);
+            }
+            Update::Delete { id, received } => {
+                self.snapshot.delete(&id);
+                self.batch.push(received);
+            }
+            Update::Poke { received } => self.batch.push(received),
+            Update::Synced { source } => {
+                self.pending_sources.remove(source);
+                return self.pending_sources.is_empty();
+            }
+            Update::WatchRestarted { kind } => {
+                self.metrics
+                    .watch_restarts
+                    .get_or_create(&KindLabels {
+                        kind: kind.to_owned(),
+                    })
+                    .inc();
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn reconcile(&mut self, datapath: &mut Datapath) {
+        let started = Instant::now();
+        self.health.reconcile_started();
+        self.metrics.reconcile_runs.inc();
+        let compiled = compile::compile(&self.snapshot, &Scope::Node(self.node.clone()), &self.ids);
         let local = compiled.tables.endpoints.keys().filter_map(|key| {
-            manifests
-                .snapshot
+            self.snapshot
                 .pods
                 .get(key)
                 .map(|pod| (key, pod.ips.as_slice()))
         });
-        let (interfaces, interface_problems) = resolver.resolve(local).await;
-
-        let mut problems: Vec<String> =
-            manifests.problems.iter().map(ToString::to_string).collect();
-        problems.extend(interface_problems.iter().map(ToString::to_string));
-        problems.extend(
-            compiled.address_conflicts.iter().map(|(pod, ip)| {
-                format!("pod {pod}: address {ip} is already another pod's; ignored")
-            }),
-        );
-        // Report each problem when it appears, not on every resync.
-        if problems != self.last_problems {
-            for problem in &problems {
-                warn!("{problem}");
-            }
-            self.last_problems = problems;
+        let (interfaces, interface_problems) = self.resolver.resolve(local).await;
+        for problem in &interface_problems {
+            tracing::debug!("{problem}");
+        }
+        for (pod, ip) in &compiled.address_conflicts {
+            tracing::debug!(%pod, %ip, "address already claimed by another pod; ignored");
         }
 
         let ifindexes: BTreeMap<ObjectKey, u32> = interfaces
@@ -183,14 +409,14 @@ impl Reconciler {
         let stats = match datapath.apply(&image) {
             Ok(stats) => stats,
             Err(error) => {
+                self.metrics.reconcile_failures.inc();
                 warn!(%error, "applying tables failed; will retry");
                 return;
             }
         };
-        // Attach only once the endpoint's tables are in: its first packet is judged
-        // by its policy, not by the unknown-pod default.
-        // Links a predecessor pinned are taken over (atomically switched to this
-        // agent's programs) the first time this agent sees their pod.
+        // Attach only once the endpoint's tables are in, so its first packet is judged
+        // by its policy. Links a predecessor pinned are taken over (atomically switched
+        // to this agent's programs) the first time this agent sees their pod.
         for (pod, interface) in &interfaces {
             if self.attached.contains(&interface.ifindex) {
                 continue;
@@ -203,8 +429,8 @@ impl Reconciler {
             }
         }
         let wanted: BTreeSet<u32> = ifindexes.values().copied().collect();
-        let pinned: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
         self.attached.retain(|ifindex| wanted.contains(ifindex));
+        let pinned: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
         for ifindex in pinned.difference(&wanted) {
             info!(
                 ifindex,
@@ -212,6 +438,12 @@ impl Reconciler {
             );
             datapath.detach(*ifindex);
         }
+        let live: BTreeSet<u32> = image.endpoints.values().map(|e| e.id).collect();
+        if let Err(error) = datapath.prune_counters(&live) {
+            warn!(%error, "cannot prune counters of gone pods");
+        }
+
+        self.publish(&compiled, &ifindexes, &image, started);
         if stats.written + stats.removed > 0 {
             info!(
                 endpoints = image.endpoints.len(),
@@ -224,6 +456,76 @@ impl Reconciler {
                 "reconciled"
             );
         }
+        if self.pending_sources.is_empty() && !self.health.is_ready() {
+            info!("first full sync programmed: ready");
+            self.health.set_ready();
+        }
         self.ids = compiled.ids;
+    }
+
+    fn publish(
+        &mut self,
+        compiled: &compile::Compiled,
+        ifindexes: &BTreeMap<ObjectKey, u32>,
+        image: &KernelImage,
+        started: Instant,
+    ) {
+        let now = Instant::now();
+        for received in self.batch.drain(..) {
+            self.metrics
+                .programming_latency
+                .observe(now.duration_since(received).as_secs_f64());
+        }
+        self.metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .policies
+            .set(i64::try_from(self.snapshot.policies.len()).unwrap_or(i64::MAX));
+        let enforced = ifindexes.len();
+        let waiting = compiled.tables.endpoints.len() - enforced;
+        for (state, count) in [("enforced", enforced), ("no_interface", waiting)] {
+            let labels = StateLabels {
+                state: state.to_owned(),
+            };
+            self.metrics
+                .endpoints
+                .get_or_create(&labels)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        for (map, count) in image.entry_counts() {
+            let labels = MapLabels {
+                map: map.to_owned(),
+            };
+            self.metrics
+                .map_entries
+                .get_or_create(&labels)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let names: BTreeMap<u32, EndpointName> = compiled
+            .tables
+            .endpoints
+            .iter()
+            .map(|(pod, entry)| {
+                let policy_set = entry
+                    .isolated_by
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (
+                    entry.id,
+                    EndpointName {
+                        pod: pod.clone(),
+                        policy_set,
+                    },
+                )
+            })
+            .collect();
+        *self
+            .metrics
+            .endpoint_names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = names;
     }
 }

@@ -150,6 +150,7 @@ pub struct Datapath {
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     settings: Array<MapData, Settings>,
     events: Option<RingBuf<MapData>>,
+    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     /// What the kernel holds, read once at open and kept in step with every write.
     held: KernelImage,
 }
@@ -191,6 +192,7 @@ impl Datapath {
         let policy = take_map(&mut ebpf, names::POLICY)?;
         let settings = take_map(&mut ebpf, names::SETTINGS)?;
         let events = take_map(&mut ebpf, names::EVENTS)?;
+        let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -200,6 +202,7 @@ impl Datapath {
             policy,
             settings,
             events: Some(events),
+            counters,
             held: KernelImage::default(),
         };
         datapath.held = datapath.read_held()?;
@@ -232,6 +235,34 @@ impl Datapath {
             image.policy.insert((k.prefix_len(), k.data()), v);
         }
         Ok(image)
+    }
+
+    /// Deletes the counters of endpoints not in `live` (their pods are gone), so no
+    /// entry is left behind and their metric series disappear.
+    ///
+    /// # Errors
+    /// When the counters map cannot be read or written.
+    pub fn prune_counters(
+        &mut self,
+        live: &std::collections::BTreeSet<u32>,
+    ) -> Result<usize, DatapathError> {
+        let map_err = |source| DatapathError::Map {
+            map: names::COUNTERS,
+            source,
+        };
+        let stale: Vec<CounterKey> = self
+            .counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| {
+                key.endpoint != egret_common::maps::UNKNOWN_ENDPOINT_ID
+                    && !live.contains(&key.endpoint)
+            })
+            .collect();
+        for key in &stale {
+            remove_ignoring_absent(self.counters.remove(key)).map_err(map_err)?;
+        }
+        Ok(stale.len())
     }
 
     /// The flow event stream; there is one reader, so the first call takes it.

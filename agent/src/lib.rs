@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod compile;
 pub mod datapath;
+pub mod observe;
 pub mod policy;
 pub mod simulate;
 pub mod source;

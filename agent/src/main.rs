@@ -73,9 +73,18 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Directory of Kubernetes YAML to enforce (Namespaces, Pods with status.podIP, `NetworkPolicies`).
+    /// Enforce a directory of Kubernetes YAML (Namespaces, Pods with status.podIP(s),
+    /// NetworkPolicies, Services, EndpointSlices), watched for changes, instead of
+    /// reading the API server.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; default: in-cluster config, then $KUBECONFIG
+    /// and ~/.kube/config.
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz; `off` disables it.
+    #[arg(long, default_value = "0.0.0.0:9090", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
     /// This node's name: pods with this spec.nodeName are enforced here.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -95,8 +104,8 @@ struct RunArgs {
     /// Flow events (denials) each pod may report per second; the rest are counted as lost.
     #[arg(long, default_value_t = egret_common::maps::DEFAULT_EVENTS_PER_SECOND)]
     events_per_second: u32,
-    /// Re-read the manifests and reconcile at least this often (seconds).
-    #[arg(long, default_value_t = 1.0)]
+    /// Reconcile everything at least this often (seconds), besides reacting to changes.
+    #[arg(long, default_value_t = 10.0)]
     resync_seconds: f64,
     /// Capacity of the endpoint map (local pods).
     #[arg(long, default_value_t = Capacities::default().endpoints)]
@@ -128,6 +137,20 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(value: &str) -> Result<MetricsAddr, String> {
+    if value == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    value
+        .parse()
+        .map(|addr| MetricsAddr(Some(addr)))
+        .map_err(|e| format!("{value:?} is not host:port or `off`: {e}"))
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -147,7 +170,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("--resync-seconds must be a positive number")?;
     let config = agent::Config {
         node_name: args.node_name,
-        manifests: args.manifests,
+        source: match (args.manifests, args.kubeconfig) {
+            (Some(dir), _) => agent::SourceConfig::Manifests(dir),
+            (None, kubeconfig) => agent::SourceConfig::Kubernetes { kubeconfig },
+        },
+        metrics_addr: args.metrics_addr.0,
+        events_allowed: false,
         pin_dir: args.bpffs,
         mode: args.mode,
         unknown_pod: args.unknown_pod,

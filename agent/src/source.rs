@@ -1,4 +1,47 @@
-//! Where cluster state comes from.
+//! Where cluster state comes from: the API server or a manifest directory. Sources
+//! only send [`Update`]s; the reconcile loop owns the snapshot and applies them.
 
+pub mod kube;
 pub mod manifest;
 pub mod objects;
+
+use std::time::Instant;
+
+use crate::state::Snapshot;
+pub use crate::state::{Object, ObjectId};
+
+#[derive(Debug)]
+pub enum Update {
+    /// Everything, afresh (a manifest directory re-read), with what was wrong in it.
+    Replace {
+        snapshot: Box<Snapshot>,
+        problems: Vec<String>,
+        received: Instant,
+    },
+    /// Every object of one kind, afresh (an API list, first or after a re-list).
+    ReplaceKind {
+        kind: &'static str,
+        objects: Vec<Object>,
+        received: Instant,
+    },
+    Apply {
+        object: Object,
+        received: Instant,
+    },
+    Delete {
+        id: ObjectId,
+        received: Instant,
+    },
+    /// Something outside the snapshot changed (links, routes): reconcile soon.
+    Poke {
+        received: Instant,
+    },
+    /// A source has delivered its first complete view.
+    Synced {
+        source: &'static str,
+    },
+    /// A watch failed and is being restarted (counted).
+    WatchRestarted {
+        kind: &'static str,
+    },
+}

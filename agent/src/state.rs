@@ -142,7 +142,7 @@ pub struct ServicePort {
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    /// ClusterIPs, external IPs and load-balancer ingress IPs; empty for headless
+    /// Cluster IPs, external IPs and load-balancer ingress IPs; empty for headless
     /// services, which have no virtual address.
     pub virtual_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
@@ -238,5 +238,74 @@ impl Snapshot {
         self.pods
             .values()
             .find(|pod| pod.takes_part() && pod.ips.contains(&ip))
+    }
+}
+
+/// One object of any kind the snapshot holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Policy(NetworkPolicy),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+}
+
+/// Kind and `namespace/name` (empty namespace for Namespaces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectId {
+    pub kind: &'static str,
+    pub key: ObjectKey,
+}
+
+impl Snapshot {
+    pub fn apply(&mut self, object: Object) {
+        match object {
+            Object::Namespace(namespace) => self.insert_namespace(namespace),
+            Object::Pod(pod) => self.insert_pod(pod),
+            Object::Policy(policy) => self.insert_policy(policy),
+            Object::Service(service) => self.insert_service(service),
+            Object::EndpointSlice(slice) => self.insert_endpoint_slice(slice),
+        }
+    }
+
+    pub fn delete(&mut self, id: &ObjectId) {
+        let key = &id.key;
+        match id.kind {
+            "Namespace" => {
+                self.namespaces.remove(&key.name);
+            }
+            "Pod" => {
+                self.pods.remove(key);
+            }
+            "NetworkPolicy" => {
+                self.policies.remove(&PolicyRef {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                });
+            }
+            "Service" => {
+                self.services.remove(key);
+            }
+            "EndpointSlice" => {
+                self.endpoint_slices.remove(key);
+            }
+            _ => {}
+        }
+    }
+
+    /// Replaces every object of `kind` (a fresh list from the API server).
+    pub fn replace_kind(&mut self, kind: &str, objects: Vec<Object>) {
+        match kind {
+            "Namespace" => self.namespaces.clear(),
+            "Pod" => self.pods.clear(),
+            "NetworkPolicy" => self.policies.clear(),
+            "Service" => self.services.clear(),
+            "EndpointSlice" => self.endpoint_slices.clear(),
+            _ => {}
+        }
+        for object in objects {
+            self.apply(object);
+        }
     }
 }

@@ -161,3 +161,28 @@ fn if_name(ifindex: u32) -> Option<String> {
     let name = unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) };
     Some(name.to_string_lossy().into_owned())
 }
+
+/// Reports link and route changes in this network namespace (a pod's veth or route
+/// appearing or going) on `changed`, until the receiver is gone.
+///
+/// # Errors
+/// When the netlink socket cannot be opened or joined to the groups.
+pub async fn watch_changes(changed: tokio::sync::mpsc::Sender<()>) -> Result<(), InterfaceError> {
+    use futures::StreamExt as _;
+    use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
+    // RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE.
+    const GROUPS: [u32; 3] = [1, 7, 11];
+    let (mut connection, _handle, mut messages) = rtnetlink::new_connection()?;
+    let socket = connection.socket_mut().socket_mut();
+    socket.bind(&SocketAddr::new(0, 0))?;
+    for group in GROUPS {
+        socket.add_membership(group)?;
+    }
+    tokio::spawn(connection);
+    while messages.next().await.is_some() {
+        if changed.send(()).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

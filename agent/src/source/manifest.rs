@@ -285,3 +285,65 @@ impl HasMetadata for networking::NetworkPolicy {
         &self.metadata
     }
 }
+
+/// Watches `dir` (inotify) and sends the whole directory, re-read, after every change
+/// (debounced) and at least every `resync`. Stops when the receiver is gone.
+///
+/// # Errors
+/// When the directory cannot be watched.
+pub async fn watch(
+    dir: PathBuf,
+    updates: tokio::sync::mpsc::Sender<super::Update>,
+    resync: std::time::Duration,
+) -> Result<(), notify::Error> {
+    use notify::Watcher as _;
+    let (changed_tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = changed_tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    let mut first = true;
+    loop {
+        let received = std::time::Instant::now();
+        let manifests = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || load_dir(&dir))
+                .await
+                .unwrap_or_default()
+        };
+        let problems = manifests.problems.iter().map(ToString::to_string).collect();
+        let update = super::Update::Replace {
+            snapshot: Box::new(manifests.snapshot),
+            problems,
+            received,
+        };
+        if updates.send(update).await.is_err() {
+            return Ok(());
+        }
+        if first {
+            first = false;
+            if updates
+                .send(super::Update::Synced {
+                    source: "manifests",
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            changed_now = changed.recv() => {
+                if changed_now.is_none() {
+                    return Ok(());
+                }
+                // Editors and `kubectl` write in bursts: wait for the burst to end.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                while changed.try_recv().is_ok() {}
+            }
+            () = tokio::time::sleep(resync) => {}
+        }
+    }
+}

@@ -26,7 +26,7 @@ use crate::{
         interfaces::{self, InterfaceError, Resolver},
     },
     observe::{EndpointName, Health, KindLabels, MapLabels, Metrics, StateLabels, http},
-    source::{self, Update},
+    source::{self, Signal, Update},
     state::{ObjectKey, Snapshot},
 };
 
@@ -333,53 +333,33 @@ impl Reconciler {
 
     /// Applies an update to the snapshot; true when a reconcile is due.
     fn absorb(&mut self, update: Update) -> bool {
-        match update {
-            Update::Replace {
-                snapshot,
-                problems,
-                received,
-            } => {
-                self.snapshot = *snapshot;
-                if problems != self.problems {
+        match update.apply(&mut self.snapshot) {
+            Signal::Changed { received, problems } => {
+                if let Some(problems) = problems
+                    && problems != self.problems
+                {
                     for problem in &problems {
                         warn!("{problem}");
                     }
                     self.problems = problems;
                 }
                 self.batch.push(received);
+                true
             }
-            Update::ReplaceKind {
-                kind,
-                objects,
-                received,
-            } => {
-                self.snapshot.replace_kind(kind, objects);
-                self.batch.push(received);
-            }
-            Update::Apply { object, received } => {
-                self.snapshot.apply(object);
-                self.batch.push(received);
-            }
-            Update::Delete { id, received } => {
-                self.snapshot.delete(&id);
-                self.batch.push(received);
-            }
-            Update::Poke { received } => self.batch.push(received),
-            Update::Synced { source } => {
+            Signal::Synced { source } => {
                 self.pending_sources.remove(source);
-                return self.pending_sources.is_empty();
+                self.pending_sources.is_empty()
             }
-            Update::WatchRestarted { kind } => {
+            Signal::WatchRestarted { kind } => {
                 self.metrics
                     .watch_restarts
                     .get_or_create(&KindLabels {
                         kind: kind.to_owned(),
                     })
                     .inc();
-                return false;
+                false
             }
         }
-        true
     }
 
     async fn reconcile(&mut self, datapath: &mut Datapath) {

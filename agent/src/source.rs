@@ -45,3 +45,70 @@ pub enum Update {
         kind: &'static str,
     },
 }
+
+/// What an update means once applied to the snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// The snapshot (or the node's links) changed; `problems` when the source re-read
+    /// everything and reported these.
+    Changed {
+        received: Instant,
+        problems: Option<Vec<String>>,
+    },
+    Synced {
+        source: &'static str,
+    },
+    WatchRestarted {
+        kind: &'static str,
+    },
+}
+
+impl Update {
+    /// Applies the update to `snapshot`.
+    pub fn apply(self, snapshot: &mut Snapshot) -> Signal {
+        match self {
+            Update::Replace {
+                snapshot: fresh,
+                problems,
+                received,
+            } => {
+                *snapshot = *fresh;
+                Signal::Changed {
+                    received,
+                    problems: Some(problems),
+                }
+            }
+            Update::ReplaceKind {
+                kind,
+                objects,
+                received,
+            } => {
+                snapshot.replace_kind(kind, objects);
+                Signal::Changed {
+                    received,
+                    problems: None,
+                }
+            }
+            Update::Apply { object, received } => {
+                snapshot.apply(object);
+                Signal::Changed {
+                    received,
+                    problems: None,
+                }
+            }
+            Update::Delete { id, received } => {
+                snapshot.delete(&id);
+                Signal::Changed {
+                    received,
+                    problems: None,
+                }
+            }
+            Update::Poke { received } => Signal::Changed {
+                received,
+                problems: None,
+            },
+            Update::Synced { source } => Signal::Synced { source },
+            Update::WatchRestarted { kind } => Signal::WatchRestarted { kind },
+        }
+    }
+}

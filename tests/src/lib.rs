@@ -62,3 +62,20 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("skipping {test}: network namespaces need root");
     false
 }
+
+/// Runs `work` on a new thread inside network namespace `netns` (namespaces are per
+/// thread) and returns its result; a panic in `work` is resumed here.
+///
+/// # Panics
+/// When the namespace cannot be entered.
+pub fn run_in_netns<T: Send>(netns: &str, work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            netns::enter(netns).expect("entering the test's network namespace");
+            work()
+        });
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}

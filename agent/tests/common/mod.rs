@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod apiserver;
+
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::Path,

@@ -216,25 +216,7 @@ impl Datapath {
     }
 
     fn read_held(&self) -> Result<KernelImage, DatapathError> {
-        let map_err = |map| move |source| DatapathError::Map { map, source };
-        let mut image = KernelImage::default();
-        for item in &self.endpoints {
-            let (k, v) = item.map_err(map_err(names::ENDPOINT))?;
-            image.endpoints.insert(k, v);
-        }
-        for item in &self.identities {
-            let (k, v) = item.map_err(map_err(names::IDENTITY))?;
-            image.identities.insert(k, v);
-        }
-        for item in &self.cidrs {
-            let (k, v) = item.map_err(map_err(names::CIDR))?;
-            image.cidrs.insert((k.prefix_len(), k.data()), v);
-        }
-        for item in &self.policy {
-            let (k, v) = item.map_err(map_err(names::POLICY))?;
-            image.policy.insert((k.prefix_len(), k.data()), v);
-        }
-        Ok(image)
+        image_of(&self.endpoints, &self.identities, &self.cidrs, &self.policy)
     }
 
     /// Deletes the counters of endpoints not in `live` (their pods are gone), so no
@@ -612,4 +594,54 @@ pub fn read_endpoints(pin_dir: &Path) -> Result<BTreeMap<u32, Endpoint>, Datapat
 /// When the pin directory cannot be read or removed.
 pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
     pins::remove_all(pin_dir)
+}
+
+/// The tables as pinned under `pin_dir` (works while an agent runs, or after it left).
+///
+/// # Errors
+/// When a map is not pinned there or cannot be read.
+pub fn read_pinned_image(pin_dir: &Path) -> Result<KernelImage, DatapathError> {
+    fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(
+        pin_dir: &Path,
+        name: &'static str,
+        wrap: fn(MapData) -> aya::maps::Map,
+    ) -> Result<T, DatapathError> {
+        let map_err = |source| DatapathError::Map { map: name, source };
+        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
+        T::try_from(wrap(data)).map_err(map_err)
+    }
+    image_of(
+        &open(pin_dir, names::ENDPOINT, aya::maps::Map::HashMap)?,
+        &open(pin_dir, names::IDENTITY, aya::maps::Map::HashMap)?,
+        &open(pin_dir, names::CIDR, aya::maps::Map::LpmTrie)?,
+        &open(pin_dir, names::POLICY, aya::maps::Map::LpmTrie)?,
+    )
+}
+
+/// Everything the four table maps hold.
+fn image_of(
+    endpoints: &HashMap<MapData, u32, Endpoint>,
+    identities: &HashMap<MapData, IpKey, u32>,
+    cidrs: &LpmTrie<MapData, CidrKey, u32>,
+    policy: &LpmTrie<MapData, PolicyKey, PolicyValue>,
+) -> Result<KernelImage, DatapathError> {
+    let map_err = |map| move |source| DatapathError::Map { map, source };
+    let mut image = KernelImage::default();
+    for item in endpoints {
+        let (k, v) = item.map_err(map_err(names::ENDPOINT))?;
+        image.endpoints.insert(k, v);
+    }
+    for item in identities {
+        let (k, v) = item.map_err(map_err(names::IDENTITY))?;
+        image.identities.insert(k, v);
+    }
+    for item in cidrs {
+        let (k, v) = item.map_err(map_err(names::CIDR))?;
+        image.cidrs.insert((k.prefix_len(), k.data()), v);
+    }
+    for item in policy {
+        let (k, v) = item.map_err(map_err(names::POLICY))?;
+        image.policy.insert((k.prefix_len(), k.data()), v);
+    }
+    Ok(image)
 }

@@ -25,7 +25,11 @@ use crate::{
         image::KernelImage,
         interfaces::{self, InterfaceError, Resolver},
     },
-    observe::{EndpointName, Health, KindLabels, MapLabels, Metrics, StateLabels, http},
+    observe::{
+        EndpointName, Health, KindLabels, Live, LiveTables, MapLabels, Metrics, StateLabels,
+        flows::{AddressOwner, FlowLog, Sink, WINDOW},
+        http,
+    },
     source::{self, Signal, Update},
     state::{ObjectKey, Snapshot},
 };
@@ -85,6 +89,9 @@ pub struct Config {
     pub resync: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where `egret status`, `explain` and `flows` reach the agent; `None`: not served.
+    pub admin_addr: Option<SocketAddr>,
+    pub flow_log: Sink,
 }
 
 #[derive(Debug, Error)]
@@ -150,8 +157,68 @@ pub async fn run(
         }
     }
 
+    let live = Arc::new(Live::default());
+    let flow_log = FlowLog::new(
+        config.flow_log.clone(),
+        metrics.endpoint_names.clone(),
+        live.addresses.clone(),
+        metrics.denied_flows.clone(),
+    );
+    if let Some(addr) = config.admin_addr {
+        let admin = http::Admin {
+            live: Arc::clone(&live),
+            health: Arc::clone(&health),
+            flows: flow_log.recent.clone(),
+            attach_mode: "tc",
+        };
+        let server = http::serve_admin(addr, admin, wait_for(shutdown_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(error) = server.await {
+                warn!(%addr, %error, "cannot serve the admin API");
+            }
+        });
+    }
+    if let Some(reader) = datapath.take_events() {
+        let lost = datapath.lost_events()?;
+        let lost_metric = metrics.events_lost.clone();
+        tokio::spawn(follow_flows(reader, lost, lost_metric, flow_log));
+    }
+
     let (updates, received) = mpsc::channel(4096);
-    let pending_sources: BTreeSet<&'static str> = match &config.source {
+    let pending_sources = start_sources(&config, updates).await?;
+
+    let mut reconciler = Reconciler {
+        node: config.node_name.clone(),
+        snapshot: Snapshot::default(),
+        ids: ids_avoiding(datapath.held()),
+        problems: Vec::new(),
+        attached: BTreeSet::new(),
+        pending_sources,
+        batch: Vec::new(),
+        resolver: Resolver::new()?,
+        metrics,
+        health,
+        live,
+        capacities: config.capacities,
+    };
+    reconciler
+        .run(&mut datapath, received, config.resync, shutdown)
+        .await;
+    let _ = shutdown_tx.send(true);
+    info!(
+        "shutting down; enforcement stays pinned under {}",
+        config.pin_dir.display()
+    );
+    Ok(())
+}
+
+/// Starts the configured source and the link/route watcher; returns the sources the
+/// agent must hear a complete view from before it is ready.
+async fn start_sources(
+    config: &Config,
+    updates: mpsc::Sender<Update>,
+) -> Result<BTreeSet<&'static str>, AgentError> {
+    let pending_sources = match &config.source {
         SourceConfig::Manifests(dir) => {
             let (dir, updates, resync) = (dir.clone(), updates.clone(), config.resync);
             tokio::spawn(async move {
@@ -173,10 +240,9 @@ pub async fn run(
             warn!(%error, "cannot watch links and routes; relying on resyncs");
         }
     });
-    let poke = updates.clone();
     tokio::spawn(async move {
         while link_rx.recv().await.is_some() {
-            if poke
+            if updates
                 .send(Update::Poke {
                     received: Instant::now(),
                 })
@@ -187,29 +253,46 @@ pub async fn run(
             }
         }
     });
-    drop(updates);
+    Ok(pending_sources)
+}
 
-    let mut reconciler = Reconciler {
-        node: config.node_name.clone(),
-        snapshot: Snapshot::default(),
-        ids: ids_avoiding(datapath.held()),
-        problems: Vec::new(),
-        attached: BTreeSet::new(),
-        pending_sources,
-        batch: Vec::new(),
-        resolver: Resolver::new()?,
-        metrics,
-        health,
+/// Reads flow events as they come and writes the aggregated flow log every window.
+async fn follow_flows(
+    reader: crate::datapath::events::EventReader,
+    lost: crate::datapath::events::LostEvents,
+    lost_metric: prometheus_client::metrics::counter::Counter,
+    mut log: FlowLog,
+) {
+    // SAFETY: the reader owns the ring buffer's fd for its whole life and always
+    // returns that same fd; the AsyncFd owns the reader.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register(reader) };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(error) => {
+            warn!(%error, "cannot poll the flow event ring buffer; no flow log");
+            return;
+        }
     };
-    reconciler
-        .run(&mut datapath, received, config.resync, shutdown)
-        .await;
-    let _ = shutdown_tx.send(true);
-    info!(
-        "shutting down; enforcement stays pinned under {}",
-        config.pin_dir.display()
-    );
-    Ok(())
+    let mut window = tokio::time::interval(WINDOW);
+    let mut lost_seen = lost.total();
+    loop {
+        tokio::select! {
+            readable = ring.readable_mut() => {
+                let Ok(mut guard) = readable else { return };
+                while let Some(event) = guard.get_inner_mut().next_event() {
+                    log.record(&event);
+                }
+                guard.clear_ready();
+            }
+            _ = window.tick() => {
+                log.flush();
+                log.prune();
+                let total = lost.total();
+                lost_metric.inc_by(total.saturating_sub(lost_seen));
+                lost_seen = total;
+            }
+        }
+    }
 }
 
 async fn wait_for(mut shutdown: tokio::sync::watch::Receiver<bool>) {
@@ -292,6 +375,8 @@ struct Reconciler {
     resolver: Resolver,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    live: Arc<Live>,
+    capacities: Capacities,
 }
 
 impl Reconciler {
@@ -440,7 +525,76 @@ impl Reconciler {
             info!("first full sync programmed: ready");
             self.health.set_ready();
         }
+        self.share(compiled, ifindexes, &image, started);
+    }
+
+    /// Hands the tables just programmed to the admin API and the flow log.
+    fn share(
+        &mut self,
+        compiled: compile::Compiled,
+        interfaces: BTreeMap<ObjectKey, u32>,
+        image: &KernelImage,
+        started: Instant,
+    ) {
         self.ids = compiled.ids;
+        let mut addresses = BTreeMap::new();
+        for pod in self.snapshot.pods.values().filter(|p| p.takes_part()) {
+            for ip in &pod.ips {
+                let owner = AddressOwner {
+                    kind: "pod",
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                };
+                addresses.entry(*ip).or_insert(owner);
+            }
+        }
+        for service in self.snapshot.services.values() {
+            for ip in &service.virtual_ips {
+                let owner = AddressOwner {
+                    kind: "service",
+                    namespace: service.namespace.clone(),
+                    name: service.name.clone(),
+                };
+                addresses.entry(*ip).or_insert(owner);
+            }
+        }
+        *self
+            .live
+            .addresses
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = addresses;
+        let pod_ips = compiled
+            .tables
+            .endpoints
+            .keys()
+            .filter_map(|key| {
+                self.snapshot
+                    .pods
+                    .get(key)
+                    .map(|pod| (key.clone(), pod.ips.clone()))
+            })
+            .collect();
+        let maps = image
+            .entry_counts()
+            .into_iter()
+            .zip(capacity_rows(self.capacities))
+            .map(|((map, entries), (_, capacity))| (map, entries, capacity))
+            .collect();
+        let tables = LiveTables {
+            node: self.node.clone(),
+            tables: compiled.tables,
+            interfaces,
+            pod_ips,
+            policies: self.snapshot.policies.len(),
+            maps,
+            reconciled_at: std::time::SystemTime::now(),
+            reconcile_duration: started.elapsed(),
+        };
+        *self
+            .live
+            .tables
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(tables));
     }
 
     fn publish(

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: `source` -> `state` -> `policy` -> `compile` -> `datapath`.
 
+pub mod admin_client;
 pub mod agent;
 pub mod compile;
 pub mod datapath;

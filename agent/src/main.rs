@@ -9,8 +9,10 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use egret::{
+    admin_client,
     agent::{self, Established, GlobalMode, UnknownPod},
     datapath::{self, Capacities, DEFAULT_PIN_DIR},
+    observe::flows::Sink,
     simulate::Simulator,
     source::manifest,
 };
@@ -56,6 +58,51 @@ enum Command {
         #[arg(long)]
         queries: PathBuf,
     },
+    /// What the running agent enforces: endpoints, policies, map fill, readiness.
+    Status {
+        #[command(flatten)]
+        agent: AgentAddr,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Would this flow be allowed, by the live tables, and why.
+    Explain {
+        /// Source pod, namespace/name (a pod on this node).
+        #[arg(long)]
+        from: String,
+        /// Destination address.
+        #[arg(long)]
+        to: std::net::IpAddr,
+        /// Destination port (not for ICMP).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// TCP, UDP, SCTP or ICMP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        #[command(flatten)]
+        agent: AgentAddr,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Follow the flow log of the running agent.
+    Flows {
+        /// Only flows from this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only flows from this pod.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only this verdict: allow, deny or audit_deny.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Stop after this many flows.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        agent: AgentAddr,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Print the kernel's per-endpoint packet counters from the pinned maps.
     Counters {
         /// Pin directory of the running agent.
@@ -72,6 +119,13 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct AgentAddr {
+    /// The running agent's admin address (its --admin-addr).
+    #[arg(long = "agent", default_value = DEFAULT_ADMIN_ADDR)]
+    addr: std::net::SocketAddr,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     /// Enforce a directory of Kubernetes YAML (Namespaces, Pods with status.podIP(s),
     /// NetworkPolicies, Services, EndpointSlices), watched for changes, instead of
@@ -85,6 +139,16 @@ struct RunArgs {
     /// Address for /metrics, /healthz and /readyz; `off` disables it.
     #[arg(long, default_value = "0.0.0.0:9090", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
+    /// Address of the admin API that `egret status`, `explain` and `flows` use; keep it
+    /// local (it tells who may talk to whom); `off` disables it.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR, value_parser = parse_metrics_addr)]
+    admin_addr: MetricsAddr,
+    /// Where the flow log goes: `-` for stdout, or a file (rotated past 10 MiB, 3 kept).
+    #[arg(long, default_value = "-")]
+    flow_log: PathBuf,
+    /// Log new allowed flows too, not only denials.
+    #[arg(long)]
+    flow_log_allowed: bool,
     /// This node's name: pods with this spec.nodeName are enforced here.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -128,6 +192,49 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::Simulate { manifests, queries } => simulate(&manifests, &queries),
         Command::Counters { bpffs, output } => counters(&bpffs, output),
+        Command::Status { agent, output } => status(agent.addr, output),
+        Command::Explain {
+            from,
+            to,
+            port,
+            protocol,
+            agent,
+            output,
+        } => {
+            let path = format!(
+                "/v1/explain?from={}&to={}&port={port}&protocol={}",
+                admin_client::encode(&from),
+                admin_client::encode(&to.to_string()),
+                admin_client::encode(&protocol)
+            );
+            let answer = admin_client::get_json(agent.addr, &path)?;
+            print_explain(&answer, output);
+            Ok(())
+        }
+        Command::Flows {
+            namespace,
+            pod,
+            verdict,
+            limit,
+            agent,
+            output,
+        } => {
+            let mut shown = 0;
+            admin_client::follow(agent.addr, "/v1/flows", |flow| {
+                let source = &flow["source"];
+                let keep = namespace
+                    .as_deref()
+                    .is_none_or(|n| source["namespace"] == n)
+                    && pod.as_deref().is_none_or(|p| source["pod"] == p)
+                    && verdict.as_deref().is_none_or(|v| flow["verdict"] == v);
+                if keep {
+                    print_flow(&flow, output);
+                    shown += 1;
+                }
+                limit.is_none_or(|limit| shown < limit)
+            })?;
+            Ok(())
+        }
         Command::Cleanup { bpffs } => {
             let removed = datapath::cleanup(&bpffs)
                 .with_context(|| format!("cleaning up {}", bpffs.display()))?;
@@ -136,6 +243,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9091";
+const FLOW_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 
 /// `--metrics-addr`: an address, or `off`.
 #[derive(Clone, Copy, Debug)]
@@ -175,7 +285,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             (None, kubeconfig) => agent::SourceConfig::Kubernetes { kubeconfig },
         },
         metrics_addr: args.metrics_addr.0,
-        events_allowed: false,
+        admin_addr: args.admin_addr.0,
+        flow_log: if args.flow_log.as_os_str() == "-" {
+            Sink::Stdout
+        } else {
+            Sink::File {
+                path: args.flow_log,
+                max_bytes: FLOW_LOG_MAX_BYTES,
+            }
+        },
+        events_allowed: args.flow_log_allowed,
         pin_dir: args.bpffs,
         mode: args.mode,
         unknown_pod: args.unknown_pod,
@@ -277,4 +396,165 @@ fn counters(pin_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
+    let status = admin_client::get_json(addr, "/v1/status")?;
+    if matches!(output, Output::Json) {
+        println!("{status}");
+        return Ok(());
+    }
+    let yes = |v: &serde_json::Value| {
+        if v.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    println!(
+        "node {}   ready {}   healthy {}   attach {}   policies {}",
+        status["node"].as_str().unwrap_or("?"),
+        yes(&status["ready"]),
+        yes(&status["healthy"]),
+        status["attach_mode"].as_str().unwrap_or("?"),
+        status["policies"]
+    );
+    println!(
+        "last reconcile {} ({:.1} ms)\n",
+        status["last_reconcile"].as_str().unwrap_or("never"),
+        status["last_reconcile_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<32} {:<13} {:<8} {:<34} ISOLATED BY",
+        "ENDPOINT", "STATE", "IFINDEX", "IPS"
+    );
+    for endpoint in status["endpoints"].as_array().into_iter().flatten() {
+        let list = |v: &serde_json::Value| {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{:<32} {:<13} {:<8} {:<34} {}",
+            format!(
+                "{}/{}",
+                endpoint["namespace"].as_str().unwrap_or(""),
+                endpoint["pod"].as_str().unwrap_or("")
+            ),
+            endpoint["state"].as_str().unwrap_or(""),
+            endpoint["ifindex"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |i| i.to_string()),
+            list(&endpoint["ips"]),
+            Some(list(&endpoint["isolated_by"]))
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "(not isolated)".into())
+        );
+    }
+    println!(
+        "\n{:<16} {:>10} {:>10} {:>7}",
+        "MAP", "ENTRIES", "CAPACITY", "FILL"
+    );
+    for map in status["maps"].as_array().into_iter().flatten() {
+        let (entries, capacity) = (
+            map["entries"].as_f64().unwrap_or(0.0),
+            map["capacity"].as_f64().unwrap_or(1.0),
+        );
+        println!(
+            "{:<16} {:>10} {:>10} {:>6.1}%",
+            map["map"].as_str().unwrap_or(""),
+            map["entries"],
+            map["capacity"],
+            100.0 * entries / capacity.max(1.0)
+        );
+    }
+    Ok(())
+}
+
+fn print_explain(answer: &serde_json::Value, output: Output) {
+    if matches!(output, Output::Json) {
+        println!("{answer}");
+        return;
+    }
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let owner = &answer["to_owner"];
+    let owner = if owner.is_null() {
+        String::new()
+    } else {
+        format!(
+            " ({} {}/{})",
+            owner["kind"].as_str().unwrap_or(""),
+            owner["namespace"].as_str().unwrap_or(""),
+            owner["name"].as_str().unwrap_or("")
+        )
+    };
+    println!(
+        "{} {} -> {}{} {}/{}: {}",
+        answer["verdict"].as_str().unwrap_or("?").to_uppercase(),
+        answer["from"].as_str().unwrap_or(""),
+        answer["to"].as_str().unwrap_or(""),
+        owner,
+        answer["protocol"].as_str().unwrap_or(""),
+        answer["port"],
+        answer["reason"].as_str().unwrap_or("")
+    );
+    match answer["verdict"].as_str() {
+        Some("allow") if !list(&answer["allowed_by"]).is_empty() => {
+            println!("  allowed by: {}", list(&answer["allowed_by"]))
+        }
+        Some("allow") => println!("  no policy isolates the pod"),
+        _ => println!(
+            "  isolated by: {} (no rule of theirs allows it)",
+            list(&answer["isolated_by"])
+        ),
+    }
+}
+
+fn print_flow(flow: &serde_json::Value, output: Output) {
+    if matches!(output, Output::Json) {
+        println!("{flow}");
+        return;
+    }
+    let name = |end: &serde_json::Value| match (
+        end["namespace"].as_str(),
+        end["pod"].as_str(),
+        end["service"].as_str(),
+    ) {
+        (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
+        (Some(ns), None, Some(service)) => format!("svc {ns}/{service}"),
+        _ => "-".to_owned(),
+    };
+    let port = flow["destination"]["port"]
+        .as_u64()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    println!(
+        "{} {:<10} {} ({}) -> {}{} [{}] {} x{}  policies: {}",
+        flow["time"].as_str().unwrap_or(""),
+        flow["verdict"].as_str().unwrap_or(""),
+        name(&flow["source"]),
+        flow["source"]["ip"].as_str().unwrap_or(""),
+        flow["destination"]["ip"].as_str().unwrap_or(""),
+        port,
+        name(&flow["destination"]),
+        flow["protocol"].as_str().unwrap_or(""),
+        flow["count"],
+        flow["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
 }

@@ -1,6 +1,7 @@
 //! What the agent tells the outside world: Prometheus metrics (one registry under the
 //! `egret_` prefix), readiness and liveness, served over HTTP by [`http`].
 
+pub mod flows;
 pub mod http;
 mod kernel;
 
@@ -50,6 +51,8 @@ pub struct EndpointName {
 
 pub struct Metrics {
     registry: Registry,
+    pub denied_flows: Family<flows::DeniedFlowLabels, Counter>,
+    pub events_lost: Counter,
     pub reconcile_runs: Counter,
     pub reconcile_failures: Counter,
     pub reconcile_duration: Histogram,
@@ -83,8 +86,20 @@ impl Metrics {
             map_capacity: Family::default(),
             watch_restarts: Family::default(),
             endpoint_names: EndpointNames::default(),
+            denied_flows: Family::default(),
+            events_lost: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "denied_flows",
+            "Denied (or audit-denied) flows per window, by source pod and the policies isolating it",
+            metrics.denied_flows.clone(),
+        );
+        registry.register(
+            "flow_events_lost",
+            "Flow events the kernel could not report (rate limit, full buffer)",
+            metrics.events_lost.clone(),
+        );
         registry.register(
             "reconcile_runs",
             "Reconciles run",
@@ -225,4 +240,26 @@ impl Health {
         (silent > self.stall_after)
             .then(|| format!("the reconcile loop has not run for {silent:?}"))
     }
+}
+
+/// The last tables the kernel was given, for `status` and `explain`.
+#[derive(Debug)]
+pub struct LiveTables {
+    pub node: String,
+    pub tables: crate::compile::Tables,
+    /// Local pods with a found interface.
+    pub interfaces: BTreeMap<ObjectKey, u32>,
+    pub pod_ips: BTreeMap<ObjectKey, Vec<std::net::IpAddr>>,
+    pub policies: usize,
+    /// (map, entries, capacity).
+    pub maps: Vec<(&'static str, usize, u32)>,
+    pub reconciled_at: std::time::SystemTime,
+    pub reconcile_duration: Duration,
+}
+
+/// Shared between the reconcile loop (writer) and the admin endpoints (readers).
+#[derive(Default)]
+pub struct Live {
+    pub tables: RwLock<Option<Arc<LiveTables>>>,
+    pub addresses: flows::AddressBook,
 }

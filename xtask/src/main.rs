@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod setup;
 
 use std::process::Command;
@@ -40,6 +41,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the agent's container image from the Dockerfile, with docker, podman or
+    /// buildah (whichever works here).
+    Image {
+        /// Name and tag of the image.
+        #[arg(long, default_value = "egret:dev")]
+        tag: String,
+        /// Use this engine instead of the first one that works.
+        #[arg(long, value_enum)]
+        engine: Option<image::Engine>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             let agent = build_agent(true)?;
             demo::run(&agent)
         }
+        Task::Image { tag, engine } => image::run(&tag, engine),
     }
 }
 

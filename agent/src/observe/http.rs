@@ -59,3 +59,176 @@ async fn readyz(State(observed): State<Observed>) -> impl IntoResponse {
         )
     }
 }
+
+/// Admin endpoints for `egret status`, `explain` and `flows`: local only by default.
+#[derive(Clone)]
+pub struct Admin {
+    pub live: Arc<super::Live>,
+    pub health: Arc<Health>,
+    pub flows: tokio::sync::broadcast::Sender<super::flows::FlowRecord>,
+    pub attach_mode: &'static str,
+}
+
+/// Serves the admin API until `shutdown` resolves.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve_admin(
+    addr: SocketAddr,
+    admin: Admin,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/explain", get(explain))
+        .route("/v1/flows", get(flows))
+        .with_state(admin);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn json(value: &serde_json::Value) -> axum::response::Response {
+    ([("content-type", "application/json")], value.to_string()).into_response()
+}
+
+async fn status(State(admin): State<Admin>) -> axum::response::Response {
+    let live = admin
+        .live
+        .tables
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(live) = live else {
+        return json(
+            &serde_json::json!({"ready": false, "attach_mode": admin.attach_mode, "endpoints": []}),
+        );
+    };
+    let endpoints: Vec<serde_json::Value> = live
+        .tables
+        .endpoints
+        .iter()
+        .map(|(pod, entry)| {
+            let ifindex = live.interfaces.get(pod);
+            serde_json::json!({
+                "namespace": pod.namespace,
+                "pod": pod.name,
+                "ips": live.pod_ips.get(pod).cloned().unwrap_or_default(),
+                "ifindex": ifindex,
+                "state": if ifindex.is_some() { "enforced" } else { "no_interface" },
+                "isolated_by": entry.isolated_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let maps: Vec<serde_json::Value> = live
+        .maps
+        .iter()
+        .map(|(map, entries, capacity)| serde_json::json!({"map": map, "entries": entries, "capacity": capacity}))
+        .collect();
+    json(&serde_json::json!({
+        "node": live.node,
+        "ready": admin.health.is_ready(),
+        "healthy": admin.health.stalled().is_none(),
+        "attach_mode": admin.attach_mode,
+        "policies": live.policies,
+        "endpoints": endpoints,
+        "maps": maps,
+        "last_reconcile": humantime::format_rfc3339_millis(live.reconciled_at).to_string(),
+        "last_reconcile_ms": live.reconcile_duration.as_secs_f64() * 1000.0,
+    }))
+}
+
+#[derive(serde::Deserialize)]
+struct ExplainQuery {
+    from: String,
+    to: std::net::IpAddr,
+    #[serde(default)]
+    port: u16,
+    protocol: String,
+}
+
+async fn explain(
+    State(admin): State<Admin>,
+    axum::extract::Query(query): axum::extract::Query<ExplainQuery>,
+) -> axum::response::Response {
+    use egret_common::proto;
+    let live = admin
+        .live
+        .tables
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(live) = live else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no tables programmed yet\n",
+        )
+            .into_response();
+    };
+    let Some(pod) = crate::state::ObjectKey::parse(&query.from) else {
+        return (StatusCode::BAD_REQUEST, "from: expected namespace/name\n").into_response();
+    };
+    let Some(endpoint) = live.tables.endpoints.get(&pod) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("from: {pod} is not a pod this node enforces\n"),
+        )
+            .into_response();
+    };
+    let protocol = match (query.protocol.as_str(), query.to) {
+        ("ICMP", std::net::IpAddr::V4(_)) => proto::ICMP,
+        ("ICMP", std::net::IpAddr::V6(_)) => proto::ICMPV6,
+        (name, _) => match crate::policy::Protocol::from_name(name) {
+            Some(protocol) => protocol.number(),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("protocol: {name:?} is not TCP, UDP, SCTP or ICMP\n"),
+                )
+                    .into_response();
+            }
+        },
+    };
+    let decision =
+        crate::compile::lookup::decide(&live.tables, endpoint, query.to, protocol, query.port);
+    let owner = admin
+        .live
+        .addresses
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&query.to)
+        .cloned();
+    json(&serde_json::json!({
+        "from": query.from,
+        "to": query.to,
+        "to_owner": owner,
+        "port": query.port,
+        "protocol": query.protocol,
+        "verdict": super::kernel::verdict_name(decision.verdict),
+        "reason": decision.reason.name(),
+        "allowed_by": decision.allowed_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "isolated_by": endpoint.isolated_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    }))
+}
+
+async fn flows(State(admin): State<Admin>) -> axum::response::Response {
+    let mut receiver = admin.flows.subscribe();
+    let stream = async_stream::stream! {
+        loop {
+            match receiver.recv().await {
+                Ok(record) => {
+                    let mut line = serde_json::to_string(&record).unwrap_or_default();
+                    line.push('\n');
+                    yield Ok::<_, std::convert::Infallible>(line);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    };
+    axum::response::Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap_or_default()
+}

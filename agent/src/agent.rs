@@ -22,7 +22,7 @@ use crate::{
     compile::{self, Allocator, Ids, Scope},
     datapath::{
         Capacities, Datapath, DatapathError,
-        image::KernelImage,
+        image::{KernelImage, Room},
         interfaces::{self, InterfaceError, Resolver},
     },
     observe::{
@@ -200,6 +200,7 @@ pub async fn run(
         health,
         live,
         capacities: config.capacities,
+        failed_closed: Vec::new(),
     };
     reconciler
         .run(&mut datapath, received, config.resync, shutdown)
@@ -377,6 +378,8 @@ struct Reconciler {
     health: Arc<Health>,
     live: Arc<Live>,
     capacities: Capacities,
+    /// Pods failing closed for want of table room, as last reported.
+    failed_closed: Vec<String>,
 }
 
 impl Reconciler {
@@ -470,7 +473,13 @@ impl Reconciler {
             .iter()
             .map(|(pod, interface)| (pod.clone(), interface.ifindex))
             .collect();
-        let image = KernelImage::build(&compiled.tables, &ifindexes);
+        let mut image = KernelImage::build(&compiled.tables, &ifindexes);
+        let room = Room {
+            cidrs: self.capacities.cidrs as usize,
+            policy: self.capacities.policy as usize,
+        };
+        let failed = image.fit(datapath.held(), room);
+        self.report_overflow(&compiled, &failed);
         let stats = match datapath.apply(&image) {
             Ok(stats) => stats,
             Err(error) => {
@@ -526,6 +535,35 @@ impl Reconciler {
             self.health.set_ready();
         }
         self.share(compiled, ifindexes, &image, started);
+    }
+
+    /// Logs (when it changes) and counts the pods failing closed for want of room.
+    fn report_overflow(&mut self, compiled: &compile::Compiled, failed: &[u32]) {
+        let pods: Vec<String> = compiled
+            .tables
+            .endpoints
+            .iter()
+            .filter(|(_, entry)| failed.contains(&entry.id))
+            .map(|(pod, _)| pod.to_string())
+            .collect();
+        let labels = StateLabels {
+            state: "fail_closed".to_owned(),
+        };
+        self.metrics
+            .endpoints
+            .get_or_create(&labels)
+            .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
+        if pods != self.failed_closed {
+            if !pods.is_empty() {
+                tracing::error!(
+                    pods = %pods.join(", "),
+                    "the policy or CIDR table is full: these pods fail closed (they may send nothing) \
+                     until policies shrink or --max-policy-entries / --max-cidrs grow"
+                );
+                self.metrics.table_overflows.inc();
+            }
+            self.failed_closed = pods;
+        }
     }
 
     /// Hands the tables just programmed to the admin API and the flow log.

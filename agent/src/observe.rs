@@ -52,6 +52,7 @@ pub struct EndpointName {
 pub struct Metrics {
     registry: Registry,
     pub denied_flows: Family<flows::DeniedFlowLabels, Counter>,
+    pub table_overflows: Counter,
     pub events_lost: Counter,
     pub reconcile_runs: Counter,
     pub reconcile_failures: Counter,
@@ -87,6 +88,7 @@ impl Metrics {
             watch_restarts: Family::default(),
             endpoint_names: EndpointNames::default(),
             denied_flows: Family::default(),
+            table_overflows: Counter::default(),
             events_lost: Counter::default(),
             registry: Registry::default(),
         };

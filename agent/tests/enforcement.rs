@@ -344,3 +344,45 @@ fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+#[test]
+fn a_full_policy_table_fails_the_biggest_pod_closed_and_spares_the_rest() {
+    if !egret_testbed::require_root(
+        "a_full_policy_table_fails_the_biggest_pod_closed_and_spares_the_rest",
+    ) {
+        return;
+    }
+    // client: many port prefixes (a range); other: one entry. Room for only a few.
+    let policies = [
+        egress_policy(
+            "client",
+            "client",
+            "[{to: [{podSelector: {matchLabels: {app: server}}}], ports: [{port: 8080}, {port: 1000, endPort: 1999}]}]",
+            "",
+        ),
+        egress_policy("other", "other", CLIENT_TO_SERVER_ONLY, ""),
+    ]
+    .join("---\n");
+    let shop = Shop::new(&policies);
+    let agent = shop.start(&["--max-policy-entries", "4"]);
+    let client = shop
+        .client
+        .tcp_connect(shop.server.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(
+        client.is_timed_out(),
+        "the pod that did not fit fails closed, even for what its policy allows: {client}"
+    );
+    let other = shop
+        .other
+        .tcp_connect(shop.server.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(
+        other.is_connected(),
+        "other pods keep exact enforcement: {other}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("fail closed") && log.contains("shop/client"),
+        "a clear error names the pod:\n{log}"
+    );
+    assert!(counted(&agent, &shop.topology, shop.client.host_ifindex(), "deny") >= 1);
+}

@@ -366,3 +366,44 @@ fn denials_become_rate_limited_flow_events() {
     assert_eq!(first.dst, "fd00:2::5".parse::<Ipv6Addr>().unwrap().octets());
     assert_ne!(first.endpoint, 0);
 }
+
+#[test]
+fn established_flows_are_cut_or_kept_when_policy_changes() {
+    if !egret_testbed::require_root("established_flows_are_cut_or_kept_when_policy_changes") {
+        return;
+    }
+    for (flags, expected, mode) in [
+        (0, DROP, "cut"),
+        (
+            egret_common::maps::SETTINGS_FLAG_KEEP_ESTABLISHED,
+            PASS,
+            "keep",
+        ),
+    ] {
+        let mut bench = Bench::new(Settings {
+            flags,
+            events_per_second: 0,
+        });
+        let packet = send(TCP, "10.2.1.1", 80);
+        assert_eq!(
+            bench.judge(&packet),
+            PASS,
+            "{mode}: allowed while the policy allows it"
+        );
+        // The policy stops allowing anything: the endpoint stays isolated, its entries go.
+        let mut image = bench.datapath.held().clone();
+        image.policy.clear();
+        image.cidrs.clear();
+        bench.datapath.apply(&image).unwrap();
+        assert_eq!(
+            bench.judge(&send(TCP, "10.2.1.1", 81)),
+            DROP,
+            "{mode}: new flows are judged by the new policy"
+        );
+        assert_eq!(
+            bench.judge(&packet),
+            expected,
+            "{mode}: the established flow"
+        );
+    }
+}

@@ -151,3 +151,66 @@ pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
         .collect();
     Diff { upserts, removals }
 }
+
+/// Room in each table, after what `held` will keep occupying during the next apply
+/// (entries are removed only after new ones are in).
+#[derive(Clone, Copy, Debug)]
+pub struct Room {
+    pub cidrs: usize,
+    pub policy: usize,
+}
+
+impl KernelImage {
+    /// Makes the image fit the tables: while the CIDR or policy entries exceed their
+    /// room, the endpoint with the most entries loses all of them and fails closed
+    /// (`ENDPOINT_FLAG_FAIL_CLOSED`: it may send nothing), so every other endpoint keeps
+    /// exact enforcement. Returns the endpoint ids that fail closed.
+    pub fn fit(&mut self, held: &KernelImage, capacity: Room) -> Vec<u32> {
+        use egret_common::maps::ENDPOINT_FLAG_FAIL_CLOSED;
+        let mut failed = Vec::new();
+        loop {
+            // What the apply would hold at its fullest: everything desired plus what is
+            // held and not yet removed.
+            let policy_peak = self.policy.len()
+                + held
+                    .policy
+                    .keys()
+                    .filter(|k| !self.policy.contains_key(k))
+                    .count();
+            let cidr_peak = self.cidrs.len()
+                + held
+                    .cidrs
+                    .keys()
+                    .filter(|k| !self.cidrs.contains_key(k))
+                    .count();
+            if policy_peak <= capacity.policy && cidr_peak <= capacity.cidrs {
+                break;
+            }
+            let mut sizes: BTreeMap<u32, usize> = BTreeMap::new();
+            for (_, key) in self.policy.keys() {
+                *sizes.entry(u32::from_be_bytes(key.endpoint)).or_default() += 1;
+            }
+            for (_, key) in self.cidrs.keys() {
+                *sizes.entry(u32::from_be_bytes(key.endpoint)).or_default() += 1;
+            }
+            // Largest first; ties by id, so the choice is deterministic.
+            let Some((&victim, _)) = sizes
+                .iter()
+                .max_by_key(|(id, size)| (**size, std::cmp::Reverse(**id)))
+            else {
+                break;
+            };
+            self.policy
+                .retain(|(_, key), _| u32::from_be_bytes(key.endpoint) != victim);
+            self.cidrs
+                .retain(|(_, key), _| u32::from_be_bytes(key.endpoint) != victim);
+            failed.push(victim);
+        }
+        for endpoint in self.endpoints.values_mut() {
+            if failed.contains(&endpoint.id) {
+                endpoint.flags |= ENDPOINT_FLAG_FAIL_CLOSED;
+            }
+        }
+        failed
+    }
+}

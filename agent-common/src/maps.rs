@@ -14,6 +14,7 @@
 /// Map names, also the file names under the pin directory.
 pub mod names {
     pub const ENDPOINT: &str = "ENDPOINT_V1";
+    /// cgroup id (of the pod's cgroup) -> endpoint, for `--attach cgroup`.
     pub const ENDPOINT_CGROUP: &str = "ENDPOINT_CG_V1";
     pub const IDENTITY: &str = "IDENTITY_V1";
     pub const CIDR: &str = "CIDR_V1";
@@ -37,6 +38,10 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
 }
+
+/// Ancestor levels a cgroup program looks at to find the pod's cgroup above a
+/// container's (kubelet nests pod cgroups two or three levels below the root).
+pub const CGROUP_MAX_LEVELS: u32 = 8;
 
 /// Identities with this bit set are CIDR classes of one endpoint, never pods.
 pub const CIDR_CLASS_BIT: u32 = 0x8000_0000;

@@ -10,7 +10,10 @@ mod packet;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK, bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_skb_ancestor_cgroup_id,
+    macros::{cgroup_skb, classifier},
+    programs::{SkBuffContext, TcContext},
 };
 use egret_common::Verdict;
 
@@ -47,6 +50,51 @@ pub fn egret_to_pod(ctx: TcContext) -> i32 {
         verdict::observe_received(&ctx.skb, ETH_HEADER_LEN, ethertype);
     }
     TC_ACT_OK
+}
+
+/// cgroup_skb egress of a pod's cgroup: everything the pod's sockets send, before any
+/// address translation (`--attach cgroup`).
+#[cgroup_skb(egress)]
+pub fn egret_cgroup_egress(ctx: SkBuffContext) -> i32 {
+    let endpoint = cgroup_endpoint(&ctx);
+    let ethertype = skb_ethertype(&ctx);
+    match verdict::judge(&ctx.skb, 0, ethertype, endpoint) {
+        Verdict::Allow | Verdict::AuditDeny => CGROUP_PASS,
+        Verdict::Deny => CGROUP_DROP,
+    }
+}
+
+/// cgroup_skb ingress of a pod's cgroup: records the flows the pod accepts.
+#[cgroup_skb(ingress)]
+pub fn egret_cgroup_ingress(ctx: SkBuffContext) -> i32 {
+    verdict::observe_received(&ctx.skb, 0, skb_ethertype(&ctx));
+    CGROUP_PASS
+}
+
+const CGROUP_PASS: i32 = 1;
+const CGROUP_DROP: i32 = 0;
+
+/// The packet's L3 protocol in host order; cgroup programs see no Ethernet header.
+fn skb_ethertype(ctx: &SkBuffContext) -> u16 {
+    // SAFETY: the context pointer is the kernel's sk_buff for this invocation.
+    let protocol = unsafe { (*ctx.skb.skb).protocol };
+    u16::from_be(protocol as u16)
+}
+
+/// The endpoint whose cgroup holds the sending socket: the pod cgroup is an ancestor
+/// of the container's, at a depth that depends on the kubelet's cgroup driver.
+fn cgroup_endpoint(ctx: &SkBuffContext) -> Option<&'static egret_common::maps::Endpoint> {
+    for level in 1..=egret_common::maps::CGROUP_MAX_LEVELS {
+        // SAFETY: a helper call on this invocation's sk_buff.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
+        if id == 0 {
+            break;
+        }
+        if let Some(endpoint) = maps::endpoint_by_cgroup(id) {
+            return Some(endpoint);
+        }
+    }
+    None
 }
 
 /// Does nothing but pass: the floor for per-packet cost benchmarks.

@@ -16,6 +16,9 @@ use crate::packet::FragmentKey;
 static ENDPOINT_V1: HashMap<u32, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 #[map]
+static ENDPOINT_CG_V1: HashMap<u64, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map]
 static IDENTITY_V1: HashMap<IpKey, u32> = HashMap::pinned(capacity::IDENTITIES, 0);
 
 #[map]
@@ -42,6 +45,11 @@ pub fn endpoint_by_ifindex(ifindex: u32) -> Option<&'static Endpoint> {
     // SAFETY: endpoint values are replaced whole by userspace, never partially written
     // in place; a reader sees the old or the new value.
     unsafe { ENDPOINT_V1.get(&ifindex) }
+}
+
+pub fn endpoint_by_cgroup(cgroup: u64) -> Option<&'static Endpoint> {
+    // SAFETY: as for endpoint_by_ifindex.
+    unsafe { ENDPOINT_CG_V1.get(&cgroup) }
 }
 
 pub fn settings() -> Settings {

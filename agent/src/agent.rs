@@ -62,6 +62,25 @@ pub enum Established {
     Keep,
 }
 
+/// Where the programs attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// TC on each pod's host-side interface (found from the node's route to the pod).
+    #[default]
+    Tc,
+    /// cgroup_skb on each pod's cgroup (found from the pod's UID), cgroup v2.
+    Cgroup,
+}
+
+impl AttachMode {
+    fn name(self) -> &'static str {
+        match self {
+            AttachMode::Tc => "tc",
+            AttachMode::Cgroup => "cgroup",
+        }
+    }
+}
+
 /// Where cluster state comes from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
@@ -77,6 +96,9 @@ pub struct Config {
     pub node_name: String,
     pub source: SourceConfig,
     pub pin_dir: PathBuf,
+    pub attach: AttachMode,
+    /// The cgroup v2 tree searched for pod cgroups; `None`: the cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
     pub mode: GlobalMode,
     pub unknown_pod: UnknownPod,
     pub established: Established,
@@ -169,7 +191,7 @@ pub async fn run(
             live: Arc::clone(&live),
             health: Arc::clone(&health),
             flows: flow_log.recent.clone(),
-            attach_mode: "tc",
+            attach_mode: config.attach.name(),
         };
         let server = http::serve_admin(addr, admin, wait_for(shutdown_rx.clone()));
         tokio::spawn(async move {
@@ -201,6 +223,11 @@ pub async fn run(
         live,
         capacities: config.capacities,
         failed_closed: Vec::new(),
+        attach: config.attach,
+        cgroup_root: config
+            .cgroup_root
+            .clone()
+            .or_else(crate::datapath::cgroups::cgroup2_root),
     };
     reconciler
         .run(&mut datapath, received, config.resync, shutdown)
@@ -380,6 +407,8 @@ struct Reconciler {
     capacities: Capacities,
     /// Pods failing closed for want of table room, as last reported.
     failed_closed: Vec<String>,
+    attach: AttachMode,
+    cgroup_root: Option<PathBuf>,
 }
 
 impl Reconciler {
@@ -455,25 +484,21 @@ impl Reconciler {
         self.health.reconcile_started();
         self.metrics.reconcile_runs.inc();
         let compiled = compile::compile(&self.snapshot, &Scope::Node(self.node.clone()), &self.ids);
-        let local = compiled.tables.endpoints.keys().filter_map(|key| {
-            self.snapshot
-                .pods
-                .get(key)
-                .map(|pod| (key, pod.ips.as_slice()))
-        });
-        let (interfaces, interface_problems) = self.resolver.resolve(local).await;
-        for problem in &interface_problems {
-            tracing::debug!("{problem}");
-        }
-        for (pod, ip) in &compiled.address_conflicts {
-            tracing::debug!(%pod, %ip, "address already claimed by another pod; ignored");
-        }
-
-        let ifindexes: BTreeMap<ObjectKey, u32> = interfaces
-            .iter()
-            .map(|(pod, interface)| (pod.clone(), interface.ifindex))
-            .collect();
-        let mut image = KernelImage::build(&compiled.tables, &ifindexes);
+        let (ifindexes, cgroups) = match self.attach {
+            AttachMode::Tc => (self.pod_interfaces(&compiled).await, BTreeMap::new()),
+            AttachMode::Cgroup => (BTreeMap::new(), self.pod_cgroups(&compiled)),
+        };
+        let mut image = KernelImage::build(
+            &compiled.tables,
+            &ifindexes
+                .iter()
+                .map(|(pod, (ifindex, _))| (pod.clone(), *ifindex))
+                .collect(),
+            &cgroups
+                .iter()
+                .map(|(pod, cgroup)| (pod.clone(), cgroup.id))
+                .collect(),
+        );
         let room = Room {
             cidrs: self.capacities.cidrs as usize,
             policy: self.capacities.policy as usize,
@@ -489,38 +514,33 @@ impl Reconciler {
             }
         };
         // Attach only once the endpoint's tables are in, so its first packet is judged
-        // by its policy. Links a predecessor pinned are taken over (atomically switched
-        // to this agent's programs) the first time this agent sees their pod.
-        for (pod, interface) in &interfaces {
-            if self.attached.contains(&interface.ifindex) {
-                continue;
-            }
-            match datapath.attach(&interface.name, interface.ifindex) {
-                Ok(()) => {
-                    self.attached.insert(interface.ifindex);
-                }
-                Err(error) => warn!(%pod, %error, "cannot attach"),
-            }
-        }
-        let wanted: BTreeSet<u32> = ifindexes.values().copied().collect();
-        self.attached.retain(|ifindex| wanted.contains(ifindex));
-        let pinned: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
-        for ifindex in pinned.difference(&wanted) {
-            info!(
-                ifindex,
-                "detaching from an interface that no longer leads to a local pod"
-            );
-            datapath.detach(*ifindex);
-        }
-        let live: BTreeSet<u32> = image.endpoints.values().map(|e| e.id).collect();
+        // by its policy.
+        self.attach_interfaces(datapath, &ifindexes);
+        self.attach_cgroups(datapath, &cgroups);
+        // Where each local pod is enforced, as status shows it.
+        let attachments: BTreeMap<ObjectKey, String> = ifindexes
+            .into_iter()
+            .map(|(pod, (ifindex, name))| (pod, format!("{name} (ifindex {ifindex})")))
+            .chain(
+                cgroups
+                    .into_iter()
+                    .map(|(pod, cgroup)| (pod, format!("cgroup {}", cgroup.id))),
+            )
+            .collect();
+        let live: BTreeSet<u32> = image
+            .endpoints
+            .values()
+            .chain(image.cgroup_endpoints.values())
+            .map(|e| e.id)
+            .collect();
         if let Err(error) = datapath.prune_counters(&live) {
             warn!(%error, "cannot prune counters of gone pods");
         }
 
-        self.publish(&compiled, &ifindexes, &image, started);
+        self.publish(&compiled, &attachments, &image, started);
         if stats.written + stats.removed > 0 {
             info!(
-                endpoints = image.endpoints.len(),
+                endpoints = image.endpoints.len() + image.cgroup_endpoints.len(),
                 identities = image.identities.len(),
                 cidrs = image.cidrs.len(),
                 policy_entries = image.policy.len(),
@@ -534,7 +554,95 @@ impl Reconciler {
             info!("first full sync programmed: ready");
             self.health.set_ready();
         }
-        self.share(compiled, ifindexes, &image, started);
+        self.share(compiled, attachments, &image, started);
+    }
+
+    /// The host interface of each local pod (TC mode).
+    async fn pod_interfaces(
+        &self,
+        compiled: &compile::Compiled,
+    ) -> BTreeMap<ObjectKey, (u32, String)> {
+        let local = compiled.tables.endpoints.keys().filter_map(|key| {
+            self.snapshot
+                .pods
+                .get(key)
+                .map(|pod| (key, pod.ips.as_slice()))
+        });
+        let (interfaces, problems) = self.resolver.resolve(local).await;
+        for problem in &problems {
+            tracing::debug!("{problem}");
+        }
+        interfaces
+            .into_iter()
+            .map(|(pod, i)| (pod, (i.ifindex, i.name)))
+            .collect()
+    }
+
+    /// The cgroup of each local pod (cgroup mode).
+    fn pod_cgroups(
+        &self,
+        compiled: &compile::Compiled,
+    ) -> BTreeMap<ObjectKey, crate::datapath::cgroups::PodCgroup> {
+        let Some(root) = &self.cgroup_root else {
+            warn!("no cgroup v2 hierarchy found: pass --cgroup-root");
+            return BTreeMap::new();
+        };
+        let local = compiled.tables.endpoints.keys().filter_map(|key| {
+            self.snapshot
+                .pods
+                .get(key)
+                .map(|pod| (key, pod.uid.as_str()))
+        });
+        crate::datapath::cgroups::find(root, local)
+    }
+
+    /// Attaches to new pod interfaces (taking over a predecessor's pinned links the
+    /// first time) and detaches from interfaces that no longer lead to a local pod.
+    fn attach_interfaces(
+        &mut self,
+        datapath: &mut Datapath,
+        interfaces: &BTreeMap<ObjectKey, (u32, String)>,
+    ) {
+        for (pod, (ifindex, name)) in interfaces {
+            if self.attached.contains(ifindex) {
+                continue;
+            }
+            match datapath.attach(name, *ifindex) {
+                Ok(()) => {
+                    self.attached.insert(*ifindex);
+                }
+                Err(error) => warn!(%pod, %error, "cannot attach"),
+            }
+        }
+        let wanted: BTreeSet<u32> = interfaces.values().map(|(ifindex, _)| *ifindex).collect();
+        self.attached.retain(|ifindex| wanted.contains(ifindex));
+        let pinned: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
+        for ifindex in pinned.difference(&wanted) {
+            info!(
+                ifindex,
+                "detaching from an interface that no longer leads to a local pod"
+            );
+            datapath.detach(*ifindex);
+        }
+    }
+
+    /// Attaches to new pod cgroups and detaches from the cgroups of gone pods.
+    fn attach_cgroups(
+        &mut self,
+        datapath: &mut Datapath,
+        cgroups: &BTreeMap<ObjectKey, crate::datapath::cgroups::PodCgroup>,
+    ) {
+        for (pod, cgroup) in cgroups {
+            if let Err(error) = datapath.attach_cgroup(&cgroup.path, cgroup.id) {
+                warn!(%pod, %error, "cannot attach to the pod's cgroup");
+            }
+        }
+        let wanted: BTreeSet<u64> = cgroups.values().map(|c| c.id).collect();
+        for cgroup in datapath.pinned_cgroup_links() {
+            if !wanted.contains(&cgroup) {
+                datapath.detach_cgroup(cgroup);
+            }
+        }
     }
 
     /// Logs (when it changes) and counts the pods failing closed for want of room.
@@ -570,7 +678,7 @@ impl Reconciler {
     fn share(
         &mut self,
         compiled: compile::Compiled,
-        interfaces: BTreeMap<ObjectKey, u32>,
+        attachments: BTreeMap<ObjectKey, String>,
         image: &KernelImage,
         started: Instant,
     ) {
@@ -621,7 +729,7 @@ impl Reconciler {
         let tables = LiveTables {
             node: self.node.clone(),
             tables: compiled.tables,
-            interfaces,
+            attachments,
             pod_ips,
             policies: self.snapshot.policies.len(),
             maps,
@@ -638,7 +746,7 @@ impl Reconciler {
     fn publish(
         &mut self,
         compiled: &compile::Compiled,
-        ifindexes: &BTreeMap<ObjectKey, u32>,
+        attachments: &BTreeMap<ObjectKey, String>,
         image: &KernelImage,
         started: Instant,
     ) {
@@ -654,9 +762,9 @@ impl Reconciler {
         self.metrics
             .policies
             .set(i64::try_from(self.snapshot.policies.len()).unwrap_or(i64::MAX));
-        let enforced = ifindexes.len();
+        let enforced = attachments.len();
         let waiting = compiled.tables.endpoints.len() - enforced;
-        for (state, count) in [("enforced", enforced), ("no_interface", waiting)] {
+        for (state, count) in [("enforced", enforced), ("not_attached", waiting)] {
             let labels = StateLabels {
                 state: state.to_owned(),
             };

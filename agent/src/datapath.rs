@@ -2,6 +2,7 @@
 //! maps pinned under the pin directory, attaches to pod interfaces, and writes the
 //! difference between the tables the kernel holds and the tables it should hold.
 
+pub mod cgroups;
 pub mod events;
 pub mod image;
 pub mod interfaces;
@@ -16,7 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError, SchedClassifier,
+        TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
     },
@@ -60,6 +62,12 @@ const NOOP: TcProgram = TcProgram {
     attach_type: TcAttachType::Ingress,
     pin_name: "noop",
 };
+/// cgroup_skb programs on a pod's cgroup (`--attach cgroup`), with their pinned-link names.
+const CGROUP_PROGRAMS: [(&str, &str); 2] = [
+    ("egret_cgroup_ingress", "cg_ingress"),
+    ("egret_cgroup_egress", "cg_egress"),
+];
+
 /// Attach order: the recorder first, so replies pass from the first packet the judge sees.
 const TC_PROGRAMS: [TcProgram; 2] = [TO_POD, FROM_POD];
 
@@ -81,6 +89,11 @@ pub enum DatapathError {
     Missing {
         what: &'static str,
         name: &'static str,
+    },
+    #[error("cannot open cgroup {}: {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("program {name}: {source}")]
     Program {
@@ -145,6 +158,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     endpoints: HashMap<MapData, u32, Endpoint>,
+    cgroup_endpoints: HashMap<MapData, u64, Endpoint>,
     identities: HashMap<MapData, IpKey, u32>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
@@ -174,6 +188,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::ENDPOINT, capacities.endpoints)
+            .map_max_entries(names::ENDPOINT_CGROUP, capacities.endpoints)
             .map_max_entries(names::IDENTITY, capacities.identities)
             .map_max_entries(names::CIDR, capacities.cidrs)
             .map_max_entries(names::POLICY, capacities.policy)
@@ -186,7 +201,21 @@ impl Datapath {
             })?;
         }
 
+        for (name, _) in CGROUP_PROGRAMS {
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
         let endpoints = take_map(&mut ebpf, names::ENDPOINT)?;
+        let cgroup_endpoints = take_map(&mut ebpf, names::ENDPOINT_CGROUP)?;
         let identities = take_map(&mut ebpf, names::IDENTITY)?;
         let cidrs = take_map(&mut ebpf, names::CIDR)?;
         let policy = take_map(&mut ebpf, names::POLICY)?;
@@ -197,6 +226,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             endpoints,
+            cgroup_endpoints,
             identities,
             cidrs,
             policy,
@@ -216,7 +246,15 @@ impl Datapath {
     }
 
     fn read_held(&self) -> Result<KernelImage, DatapathError> {
-        image_of(&self.endpoints, &self.identities, &self.cidrs, &self.policy)
+        let mut image = image_of(&self.endpoints, &self.identities, &self.cidrs, &self.policy)?;
+        for item in &self.cgroup_endpoints {
+            let (k, v) = item.map_err(|source| DatapathError::Map {
+                map: names::ENDPOINT_CGROUP,
+                source,
+            })?;
+            image.cgroup_endpoints.insert(k, v);
+        }
+        Ok(image)
     }
 
     /// Deletes the counters of endpoints not in `live` (their pods are gone), so no
@@ -292,6 +330,7 @@ impl Datapath {
         let cidrs = diff(&self.held.cidrs, &desired.cidrs);
         let identities = diff(&self.held.identities, &desired.identities);
         let endpoints = diff(&self.held.endpoints, &desired.endpoints);
+        let cgroup_endpoints = diff(&self.held.cgroup_endpoints, &desired.cgroup_endpoints);
         let map_err = |map| move |source| DatapathError::Map { map, source };
 
         for (key, value) in &policy.upserts {
@@ -321,6 +360,19 @@ impl Datapath {
                 .map_err(map_err(names::ENDPOINT))?;
             self.held.endpoints.insert(*key, *value);
             stats.written += 1;
+        }
+        for (key, value) in &cgroup_endpoints.upserts {
+            self.cgroup_endpoints
+                .insert(key, value, 0)
+                .map_err(map_err(names::ENDPOINT_CGROUP))?;
+            self.held.cgroup_endpoints.insert(*key, *value);
+            stats.written += 1;
+        }
+        for key in &cgroup_endpoints.removals {
+            remove_ignoring_absent(self.cgroup_endpoints.remove(key))
+                .map_err(map_err(names::ENDPOINT_CGROUP))?;
+            self.held.cgroup_endpoints.remove(key);
+            stats.removed += 1;
         }
         for key in &endpoints.removals {
             remove_ignoring_absent(self.endpoints.remove(key)).map_err(map_err(names::ENDPOINT))?;
@@ -434,6 +486,81 @@ impl Datapath {
                 source,
             })?;
         Ok(())
+    }
+
+    /// Attaches the cgroup programs to the pod cgroup at `path` (id `cgroup`), unless
+    /// links pinned by an earlier agent already hold it (they keep running with the
+    /// same pinned maps).
+    ///
+    /// # Errors
+    /// When the cgroup cannot be opened or refuses the programs.
+    pub fn attach_cgroup(&mut self, path: &Path, cgroup: u64) -> Result<(), DatapathError> {
+        let cgroup_dir = std::fs::File::open(path).map_err(|source| DatapathError::Cgroup {
+            path: path.to_owned(),
+            source,
+        })?;
+        for (name, pin_name) in CGROUP_PROGRAMS {
+            let link_path = pins::cgroup_link_path(&self.pin_dir, pin_name, cgroup);
+            if link_path.exists() {
+                continue;
+            }
+            let program: &mut CgroupSkb = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            // A bpf link never shares a cgroup exclusively: the link API takes no
+            // attach flags (Single means none), and other links on the cgroup still run.
+            let attach_type = if pin_name == "cg_egress" {
+                CgroupSkbAttachType::Egress
+            } else {
+                CgroupSkbAttachType::Ingress
+            };
+            let attach_error = |source| DatapathError::Attach {
+                interface: path.display().to_string(),
+                source,
+            };
+            let id = program
+                .attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            let link = program.take_link(id).map_err(attach_error)?;
+            let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::NotFdLink {
+                interface: path.display().to_string(),
+                source,
+            })?;
+            fd_link
+                .pin(&link_path)
+                .map_err(|source| DatapathError::PinLink {
+                    interface: path.display().to_string(),
+                    path: link_path.clone(),
+                    source,
+                })?;
+        }
+        info!(cgroup = %path.display(), id = cgroup, "attached to the pod's cgroup");
+        Ok(())
+    }
+
+    /// Cgroup ids that have pinned links.
+    #[must_use]
+    pub fn pinned_cgroup_links(&self) -> Vec<u64> {
+        pins::pinned_cgroup_ids(&self.pin_dir)
+    }
+
+    /// Detaches the cgroup programs from cgroup `cgroup` (the pod is gone).
+    pub fn detach_cgroup(&mut self, cgroup: u64) {
+        for (_, pin_name) in CGROUP_PROGRAMS {
+            let path = pins::cgroup_link_path(&self.pin_dir, pin_name, cgroup);
+            match PinnedLink::from_pin(&path) {
+                Ok(pinned) => drop(pinned.unpin()),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
     }
 
     /// Ifindexes that have a pinned link.

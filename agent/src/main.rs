@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use egret::{
     admin_client,
-    agent::{self, Established, GlobalMode, UnknownPod},
+    agent::{self, AttachMode, Established, GlobalMode, UnknownPod},
     datapath::{self, Capacities, DEFAULT_PIN_DIR},
     observe::flows::Sink,
     simulate::Simulator,
@@ -155,6 +155,14 @@ struct RunArgs {
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     bpffs: PathBuf,
+    /// Where to attach: tc (each pod's host-side interface) or cgroup (each pod's
+    /// cgroup v2, found from the pod's UID).
+    #[arg(long, value_enum, default_value_t = AttachMode::Tc)]
+    attach: AttachMode,
+    /// The cgroup v2 tree searched for pod cgroups (with --attach cgroup); default:
+    /// the cgroup2 mount.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
     /// enforce: drop what no policy allows; audit: count it and let it pass.
     #[arg(long, value_enum, default_value_t = GlobalMode::Enforce)]
     mode: GlobalMode,
@@ -296,6 +304,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         events_allowed: args.flow_log_allowed,
         pin_dir: args.bpffs,
+        attach: args.attach,
+        cgroup_root: args.cgroup_root,
         mode: args.mode,
         unknown_pod: args.unknown_pod,
         established: args.established,
@@ -438,7 +448,7 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
                 .join(", ")
         };
         println!(
-            "{:<32} {:<13} {:<8} {:<34} {}",
+            "{:<32} {:<13} {:<26} {:<34} {}",
             format!(
                 "{}/{}",
                 endpoint["namespace"].as_str().unwrap_or(""),

@@ -249,8 +249,8 @@ impl Health {
 pub struct LiveTables {
     pub node: String,
     pub tables: crate::compile::Tables,
-    /// Local pods with a found interface.
-    pub interfaces: BTreeMap<ObjectKey, u32>,
+    /// Where each enforced local pod is attached (interface or cgroup).
+    pub attachments: BTreeMap<ObjectKey, String>,
     pub pod_ips: BTreeMap<ObjectKey, Vec<std::net::IpAddr>>,
     pub policies: usize,
     /// (map, entries, capacity).

@@ -83,6 +83,8 @@ pub struct Pod {
     /// `status.podIPs` (or `status.podIP`): at most one address per family.
     pub ips: Vec<IpAddr>,
     pub named_ports: Vec<NamedPort>,
+    /// `metadata.uid`: names the pod's cgroup (`--attach cgroup`).
+    pub uid: String,
 }
 
 impl Pod {

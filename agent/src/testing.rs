@@ -38,6 +38,7 @@ pub fn mk_pod(namespace: &str, name: &str, pairs: &[(&str, &str)], ips: &[&str])
             .map(|ip| ip.parse().expect("test address"))
             .collect(),
         named_ports: Vec::new(),
+        uid: String::new(),
     }
 }
 

@@ -21,6 +21,8 @@ pub type LpmKey<K> = (u32, K);
 pub struct KernelImage {
     /// ifindex -> endpoint.
     pub endpoints: BTreeMap<u32, Endpoint>,
+    /// cgroup id -> endpoint (`--attach cgroup`).
+    pub cgroup_endpoints: BTreeMap<u64, Endpoint>,
     pub identities: BTreeMap<IpKey, u32>,
     pub cidrs: BTreeMap<LpmKey<CidrKey>, u32>,
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyValue>,
@@ -28,21 +30,26 @@ pub struct KernelImage {
 
 impl KernelImage {
     /// Lays out `tables` for the kernel; endpoints appear only for pods whose
-    /// interface is known (`interfaces`: pod -> ifindex).
+    /// interface (pod -> ifindex) or cgroup (pod -> cgroup id) is known.
     #[must_use]
-    pub fn build(tables: &Tables, interfaces: &BTreeMap<ObjectKey, u32>) -> Self {
+    pub fn build(
+        tables: &Tables,
+        interfaces: &BTreeMap<ObjectKey, u32>,
+        cgroups: &BTreeMap<ObjectKey, u64>,
+    ) -> Self {
         let mut image = KernelImage::default();
         for (pod, entry) in &tables.endpoints {
+            let endpoint = Endpoint {
+                id: entry.id,
+                flags: entry.flags,
+                ipv4: entry.ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+                ipv6: entry.ipv6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets(),
+            };
             if let Some(ifindex) = interfaces.get(pod) {
-                image.endpoints.insert(
-                    *ifindex,
-                    Endpoint {
-                        id: entry.id,
-                        flags: entry.flags,
-                        ipv4: entry.ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
-                        ipv6: entry.ipv6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets(),
-                    },
-                );
+                image.endpoints.insert(*ifindex, endpoint);
+            }
+            if let Some(cgroup) = cgroups.get(pod) {
+                image.cgroup_endpoints.insert(*cgroup, endpoint);
             }
         }
         for (ip, identity) in &tables.identities {
@@ -206,7 +213,11 @@ impl KernelImage {
                 .retain(|(_, key), _| u32::from_be_bytes(key.endpoint) != victim);
             failed.push(victim);
         }
-        for endpoint in self.endpoints.values_mut() {
+        for endpoint in self
+            .endpoints
+            .values_mut()
+            .chain(self.cgroup_endpoints.values_mut())
+        {
             if failed.contains(&endpoint.id) {
                 endpoint.flags |= ENDPOINT_FLAG_FAIL_CLOSED;
             }

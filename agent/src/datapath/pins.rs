@@ -41,6 +41,32 @@ pub fn pinned_link_ifindexes(pin_dir: &Path, name: &str) -> Vec<u32> {
     ifindexes
 }
 
+/// Where the link attaching cgroup program `name` to cgroup `cgroup` is pinned.
+pub fn cgroup_link_path(pin_dir: &Path, name: &str, cgroup: u64) -> PathBuf {
+    let dir = links_dir(pin_dir);
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{name}_cg{cgroup}"))
+}
+
+/// Cgroups with a pinned egress link.
+pub fn pinned_cgroup_ids(pin_dir: &Path) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(links_dir(pin_dir)) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u64> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("cg_egress_cg")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// Unpins everything: links detach once nothing else holds them, maps are freed.
 pub fn remove_all(pin_dir: &Path) -> std::io::Result<usize> {
     if !pin_dir.exists() {

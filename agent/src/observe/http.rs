@@ -110,13 +110,13 @@ async fn status(State(admin): State<Admin>) -> axum::response::Response {
         .endpoints
         .iter()
         .map(|(pod, entry)| {
-            let ifindex = live.interfaces.get(pod);
+            let attachment = live.attachments.get(pod);
             serde_json::json!({
                 "namespace": pod.namespace,
                 "pod": pod.name,
                 "ips": live.pod_ips.get(pod).cloned().unwrap_or_default(),
-                "ifindex": ifindex,
-                "state": if ifindex.is_some() { "enforced" } else { "no_interface" },
+                "attachment": attachment,
+                "state": if attachment.is_some() { "enforced" } else { "not_attached" },
                 "isolated_by": entry.isolated_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
             })
         })

@@ -105,6 +105,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
         }
     }
     Ok(Pod {
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
         namespace: pod
             .metadata
             .namespace

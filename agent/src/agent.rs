@@ -68,7 +68,7 @@ pub enum AttachMode {
     /// TC on each pod's host-side interface (found from the node's route to the pod).
     #[default]
     Tc,
-    /// cgroup_skb on each pod's cgroup (found from the pod's UID), cgroup v2.
+    /// `cgroup_skb` on each pod's cgroup (found from the pod's UID), cgroup v2.
     Cgroup,
 }
 
@@ -603,9 +603,13 @@ impl Reconciler {
         datapath: &mut Datapath,
         interfaces: &BTreeMap<ObjectKey, (u32, String)>,
     ) {
+        let pinned_before: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
         for (pod, (ifindex, name)) in interfaces {
             if self.attached.contains(ifindex) {
                 continue;
+            }
+            if !pinned_before.contains(ifindex) {
+                self.seed_flows(datapath, pod);
             }
             match datapath.attach(name, *ifindex) {
                 Ok(()) => {
@@ -632,7 +636,11 @@ impl Reconciler {
         datapath: &mut Datapath,
         cgroups: &BTreeMap<ObjectKey, crate::datapath::cgroups::PodCgroup>,
     ) {
+        let pinned_before: BTreeSet<u64> = datapath.pinned_cgroup_links().into_iter().collect();
         for (pod, cgroup) in cgroups {
+            if !pinned_before.contains(&cgroup.id) {
+                self.seed_flows(datapath, pod);
+            }
             if let Err(error) = datapath.attach_cgroup(&cgroup.path, cgroup.id) {
                 warn!(%pod, %error, "cannot attach to the pod's cgroup");
             }
@@ -642,6 +650,29 @@ impl Reconciler {
             if !wanted.contains(&cgroup) {
                 datapath.detach_cgroup(cgroup);
             }
+        }
+    }
+
+    /// Before Egret first judges a pod, the flows the kernel already tracks for it
+    /// become conntrack entries: connections it accepted earlier are not cut.
+    fn seed_flows(&self, datapath: &mut Datapath, pod: &ObjectKey) {
+        let Some(addresses) = self.snapshot.pods.get(pod).map(|p| p.ips.clone()) else {
+            return;
+        };
+        // Absent when the node does no connection tracking: nothing to seed.
+        let Ok(table) = std::fs::read_to_string("/proc/net/nf_conntrack") else {
+            return;
+        };
+        let flows =
+            crate::datapath::seed::flows_of(&crate::datapath::seed::parse(&table), &addresses);
+        if flows.is_empty() {
+            return;
+        }
+        match datapath.seed_flows(&flows) {
+            Ok(()) => {
+                info!(%pod, flows = flows.len(), "seeded established flows from the kernel's conntrack");
+            }
+            Err(error) => warn!(%pod, %error, "cannot seed established flows"),
         }
     }
 

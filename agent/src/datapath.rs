@@ -7,6 +7,7 @@ pub mod events;
 pub mod image;
 pub mod interfaces;
 mod pins;
+pub mod seed;
 
 use std::{
     collections::BTreeMap,
@@ -24,8 +25,8 @@ use aya::{
     },
 };
 use egret_common::maps::{
-    CidrKey, CounterKey, CounterValue, Endpoint, IpKey, PolicyKey, PolicyValue, Settings, capacity,
-    names,
+    CidrKey, CounterKey, CounterValue, Endpoint, FlowKey, FlowState, IpKey, PolicyKey, PolicyValue,
+    Settings, capacity, names,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -62,7 +63,7 @@ const NOOP: TcProgram = TcProgram {
     attach_type: TcAttachType::Ingress,
     pin_name: "noop",
 };
-/// cgroup_skb programs on a pod's cgroup (`--attach cgroup`), with their pinned-link names.
+/// `cgroup_skb` programs on a pod's cgroup (`--attach cgroup`), with their pinned-link names.
 const CGROUP_PROGRAMS: [(&str, &str); 2] = [
     ("egret_cgroup_ingress", "cg_ingress"),
     ("egret_cgroup_egress", "cg_egress"),
@@ -165,6 +166,7 @@ pub struct Datapath {
     settings: Array<MapData, Settings>,
     events: Option<RingBuf<MapData>>,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    conntrack: HashMap<MapData, FlowKey, FlowState>,
     /// What the kernel holds, read once at open and kept in step with every write.
     held: KernelImage,
 }
@@ -222,6 +224,7 @@ impl Datapath {
         let settings = take_map(&mut ebpf, names::SETTINGS)?;
         let events = take_map(&mut ebpf, names::EVENTS)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
+        let conntrack = take_map(&mut ebpf, names::CONNTRACK)?;
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -233,6 +236,7 @@ impl Datapath {
             settings,
             events: Some(events),
             counters,
+            conntrack,
             held: KernelImage::default(),
         };
         datapath.held = datapath.read_held()?;
@@ -283,6 +287,37 @@ impl Datapath {
             remove_ignoring_absent(self.counters.remove(key)).map_err(map_err)?;
         }
         Ok(stale.len())
+    }
+
+    /// Writes flows the kernel's connection tracking already knows for a pod Egret has
+    /// just attached to (see [`seed`]), so its established connections go on.
+    ///
+    /// # Errors
+    /// When the conntrack map refuses an entry.
+    pub fn seed_flows(&mut self, flows: &[(FlowKey, u8)]) -> Result<(), DatapathError> {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+        // bpf_ktime_get_ns is CLOCK_MONOTONIC in nanoseconds.
+        let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(now.tv_nsec).unwrap_or(0);
+        for (key, origin) in flows {
+            let state = FlowState {
+                last_seen_ns: now_ns,
+                origin: *origin,
+                pad: [0; 7],
+            };
+            self.conntrack
+                .insert(key, state, 0)
+                .map_err(|source| DatapathError::Map {
+                    map: names::CONNTRACK,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// The flow event stream; there is one reader, so the first call takes it.

@@ -386,3 +386,60 @@ fn a_full_policy_table_fails_the_biggest_pod_closed_and_spares_the_rest() {
     );
     assert!(counted(&agent, &shop.topology, shop.client.host_ifindex(), "deny") >= 1);
 }
+
+#[test]
+fn connections_accepted_before_the_agent_came_are_not_cut() {
+    use std::io::{BufRead as _, Write as _};
+    if !egret_testbed::require_root("connections_accepted_before_the_agent_came_are_not_cut") {
+        return;
+    }
+    let shop = Shop::new(&egress_policy("client", "client", "[]", ""));
+    // Connection tracking on in the node, as on any node running kube-proxy.
+    let rules = "table inet egret_test_ct {\n  chain forward {\n    type filter hook forward priority 0\n    ct state established,related accept\n  }\n}\n";
+    let mut nft = shop
+        .topology
+        .node_command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(
+        nft.wait().unwrap().success(),
+        "nft conntrack rule in the node namespace"
+    );
+    // client accepts a connection from other before any agent runs.
+    let listener = egret_testbed::run_in_netns(shop.client.netns(), || {
+        std::net::TcpListener::bind((shop.client.ipv4(), 9000)).unwrap()
+    });
+    let target = std::net::SocketAddr::from((shop.client.ipv4(), 9000));
+    let from_other = egret_testbed::run_in_netns(shop.other.netns(), || {
+        std::net::TcpStream::connect(target).unwrap()
+    });
+    let (mut accepted, _) = listener.accept().unwrap();
+    from_other
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+
+    let _agent = shop.start(&[]);
+    // The deny-all pod speaks first on the connection it accepted earlier: nothing has
+    // arrived since the agent attached, so only the seeded entry lets this through.
+    accepted.write_all(b"still here\n").unwrap();
+    let mut line = String::new();
+    let read = std::io::BufReader::new(&from_other).read_line(&mut line);
+    assert!(
+        read.as_ref().is_ok_and(|n| *n > 0),
+        "the established connection was cut: {read:?}"
+    );
+    assert_eq!(line, "still here\n");
+    // New connections from the deny-all pod are still denied.
+    assert!(
+        shop.client
+            .tcp_connect(shop.other.addr_v4(8080), Duration::from_millis(300))
+            .is_timed_out()
+    );
+}

@@ -134,10 +134,32 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
         "staged policies drop nothing"
     );
 
-    // The flow log: one enriched, aggregated line per flow.
+    check_flow_log(&flow_log, &client, &server);
+
+    // `egret flows` saw the client's denial.
+    let output = follower.wait_with_output().unwrap();
+    let streamed: Value =
+        serde_json::from_slice(&output.stdout).expect("egret flows printed a JSON line");
+    assert_eq!(streamed["source"]["pod"], "client");
+
+    check_metrics(&topology, &server);
+
+    check_status_and_explain(&agent, &topology, &server);
+
+    // A deleted pod's series disappear.
+    write_file(dir.path(), "cluster.yaml", &cluster_yaml(&pods[1..])).unwrap();
+    wait_for_series_gone(&topology);
+}
+
+/// The flow log: one enriched, aggregated line per flow.
+fn check_flow_log(
+    flow_log: &std::path::Path,
+    client: &egret_testbed::Pod,
+    server: &egret_testbed::Pod,
+) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let lines: Vec<Value> = loop {
-        let text = std::fs::read_to_string(&flow_log).unwrap_or_default();
+        let text = std::fs::read_to_string(flow_log).unwrap_or_default();
         let lines: Vec<Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -178,31 +200,15 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
         ),
         (Some("audit_deny"), Some("staged"))
     );
+}
 
-    // `egret flows` saw the client's denial.
-    let output = follower.wait_with_output().unwrap();
-    let followed: Value =
-        serde_json::from_slice(&output.stdout).expect("egret flows printed a JSON line");
-    assert_eq!(followed["source"]["pod"], "client");
-
-    // Metrics: per-pod packet counters by verdict and reason, denied flows by policy set.
-    let text = metrics(&topology);
-    for series in [
-        "egret_egress_packets_total{namespace=\"shop\",pod=\"client\",verdict=\"deny\",reason=\"no_rule_allows\"}",
-        "egret_egress_bytes_total{namespace=\"shop\",pod=\"client\",verdict=\"deny\",reason=\"no_rule_allows\"}",
-        "egret_egress_packets_total{namespace=\"shop\",pod=\"staged\",verdict=\"audit_deny\",reason=\"no_rule_allows\"}",
-        "egret_denied_flows_total{namespace=\"shop\",pod=\"client\",policy_set=\"shop/client-dns-only\"}",
-        "egret_flow_events_lost_total",
-    ] {
-        assert!(text.contains(series), "{series} missing:\n{text}");
-    }
-    assert!(
-        !text.contains(&server.ipv4().to_string()),
-        "destinations never become labels"
-    );
-
-    // status lists the endpoints; explain names the policies.
-    let status = egret_json(&agent, &topology, &["status", "--output", "json"]);
+/// `egret status` lists the endpoints; `egret explain` names the policies.
+fn check_status_and_explain(
+    agent: &egret_testbed::agent::AgentProcess,
+    topology: &Topology,
+    server: &egret_testbed::Pod,
+) {
+    let status = egret_json(agent, topology, &["status", "--output", "json"]);
     let endpoints: Vec<&str> = status["endpoints"]
         .as_array()
         .unwrap()
@@ -213,8 +219,8 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
     assert_eq!(status["ready"], true);
     let to = server.ipv4().to_string();
     let explain = egret_json(
-        &agent,
-        &topology,
+        agent,
+        topology,
         &[
             "explain",
             "--from",
@@ -234,8 +240,8 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
     );
     assert_eq!(explain["to_owner"]["name"], "server");
     let explain = egret_json(
-        &agent,
-        &topology,
+        agent,
+        topology,
         &[
             "explain",
             "--from",
@@ -255,15 +261,33 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
         explain["allowed_by"],
         serde_json::json!(["shop/client-dns-only"])
     );
+}
 
-    // A deleted pod's series disappear.
-    write_file(dir.path(), "cluster.yaml", &cluster_yaml(&pods[1..])).unwrap();
+/// Metrics: per-pod packet counters by verdict and reason, denied flows by policy set.
+fn check_metrics(topology: &Topology, server: &egret_testbed::Pod) {
+    let text = metrics(topology);
+    for series in [
+        "egret_egress_packets_total{namespace=\"shop\",pod=\"client\",verdict=\"deny\",reason=\"no_rule_allows\"}",
+        "egret_egress_bytes_total{namespace=\"shop\",pod=\"client\",verdict=\"deny\",reason=\"no_rule_allows\"}",
+        "egret_egress_packets_total{namespace=\"shop\",pod=\"staged\",verdict=\"audit_deny\",reason=\"no_rule_allows\"}",
+        "egret_denied_flows_total{namespace=\"shop\",pod=\"client\",policy_set=\"shop/client-dns-only\"}",
+        "egret_flow_events_lost_total",
+    ] {
+        assert!(text.contains(series), "{series} missing:\n{text}");
+    }
+    assert!(
+        !text.contains(&server.ipv4().to_string()),
+        "destinations never become labels"
+    );
+}
+
+fn wait_for_series_gone(topology: &Topology) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metrics(&topology).contains("pod=\"client\"") {
+    while metrics(topology).contains("pod=\"client\"") {
         assert!(
             Instant::now() < deadline,
             "client's series still there:\n{}",
-            metrics(&topology)
+            metrics(topology)
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -92,7 +92,7 @@ enum Command {
         /// Only flows from this pod.
         #[arg(long)]
         pod: Option<String>,
-        /// Only this verdict: allow, deny or audit_deny.
+        /// Only this verdict: `allow`, `deny` or `audit_deny`.
         #[arg(long)]
         verdict: Option<String>,
         /// Stop after this many flows.
@@ -435,8 +435,8 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
         status["last_reconcile_ms"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "{:<32} {:<13} {:<8} {:<34} ISOLATED BY",
-        "ENDPOINT", "STATE", "IFINDEX", "IPS"
+        "{:<32} {:<13} {:<26} {:<34} ISOLATED BY",
+        "ENDPOINT", "STATE", "ATTACHED TO", "IPS"
     );
     for endpoint in status["endpoints"].as_array().into_iter().flatten() {
         let list = |v: &serde_json::Value| {
@@ -455,9 +455,7 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
                 endpoint["pod"].as_str().unwrap_or("")
             ),
             endpoint["state"].as_str().unwrap_or(""),
-            endpoint["ifindex"]
-                .as_u64()
-                .map_or_else(|| "-".to_owned(), |i| i.to_string()),
+            endpoint["attachment"].as_str().unwrap_or("-"),
             list(&endpoint["ips"]),
             Some(list(&endpoint["isolated_by"]))
                 .filter(|s| !s.is_empty())
@@ -520,7 +518,7 @@ fn print_explain(answer: &serde_json::Value, output: Output) {
     );
     match answer["verdict"].as_str() {
         Some("allow") if !list(&answer["allowed_by"]).is_empty() => {
-            println!("  allowed by: {}", list(&answer["allowed_by"]))
+            println!("  allowed by: {}", list(&answer["allowed_by"]));
         }
         Some("allow") => println!("  no policy isolates the pod"),
         _ => println!(

@@ -147,6 +147,11 @@ impl Metrics {
             "Watches restarted after an error",
             metrics.watch_restarts.clone(),
         );
+        registry.register(
+            "table_overflows",
+            "Times a full policy or CIDR table made pods fail closed",
+            metrics.table_overflows.clone(),
+        );
         registry.register_collector(Box::new(kernel::KernelCounters::new(
             pin_dir,
             metrics.endpoint_names.clone(),

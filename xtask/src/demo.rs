@@ -120,12 +120,15 @@ pub fn run(agent: &Path) -> anyhow::Result<()> {
     let flows = flows(&frontend, &api, &db, &scanner);
     let wrong = print_table(&flows);
 
-    println!("\nKernel counters (egret counters):");
-    let pin = pin_dir.to_string_lossy().into_owned();
-    let counters = egret
-        .command(&topology, &["counters", "--bpffs", &pin])
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&counters.stdout));
+    // Let the flow log's one-second window close so denied flows are counted.
+    std::thread::sleep(Duration::from_millis(1200));
+    println!("\negret status:");
+    let status = egret.command(&topology, &["status"]).output()?;
+    print!("{}", String::from_utf8_lossy(&status.stdout));
+    println!("\nMetrics excerpt (GET /metrics on the node):");
+    for line in metrics(&topology)?.lines().filter(|l| is_excerpt(l)) {
+        println!("  {line}");
+    }
     drop(egret);
     std::fs::remove_dir_all(&manifests).ok();
     anyhow::ensure!(wrong == 0, "{wrong} flows did not behave as expected");
@@ -249,6 +252,29 @@ fn print_table(flows: &[Flow<'_>]) -> usize {
     }
 
     wrong
+}
+
+/// The node's `/metrics`, fetched from inside the node namespace.
+fn metrics(topology: &Topology) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    egret_testbed::run_in_netns(topology.node_netns(), || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", 9090))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+}
+
+/// Series worth showing: per-pod denials and the control plane's vital signs.
+fn is_excerpt(line: &str) -> bool {
+    (line.starts_with("egret_egress_packets_total") && line.contains("verdict=\"deny\""))
+        || line.starts_with("egret_denied_flows_total")
+        || line.starts_with("egret_endpoints{")
+        || line.starts_with("egret_policies_loaded")
+        || line.starts_with("egret_map_entries{")
+        || line.starts_with("egret_programming_latency_seconds_count")
 }
 
 fn observed(result: &ProbeResult) -> &'static str {

@@ -99,6 +99,7 @@ fn cluster(pods: usize, policies: usize) -> Snapshot {
             host_network: false,
             phase: PodPhase::Running,
             ips: vec![std::net::Ipv4Addr::from(ip).into()],
+            uid: format!("uid-{i}"),
             named_ports: vec![NamedPort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,

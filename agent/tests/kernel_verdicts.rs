@@ -79,7 +79,11 @@ impl Bench {
         );
         let interfaces = BTreeMap::from([(ObjectKey::new("t", "me"), LOOPBACK)]);
         datapath
-            .apply(&KernelImage::build(&compiled.tables, &interfaces))
+            .apply(&KernelImage::build(
+                &compiled.tables,
+                &interfaces,
+                &BTreeMap::new(),
+            ))
             .expect("tables written");
         datapath.set_settings(settings).unwrap();
         Self { datapath, pin_dir }

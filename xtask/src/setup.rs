@@ -26,11 +26,32 @@ const APT_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
+/// Renders the Helm chart in the deploy tests (Helm's engine, from PyPI; no `helm`
+/// binary is packaged for Debian).
+const HELM_PYTHON: &str = "helm-python-sdk==0.2.2";
+
 pub fn run() -> anyhow::Result<()> {
     install_apt_packages()?;
     install_rust_src()?;
     install_bpf_linker()?;
+    install_helm_renderer()?;
     mount_bpffs()
+}
+
+fn install_helm_renderer() -> anyhow::Result<()> {
+    // find_spec looks the module up without importing it: fast when present.
+    let present = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.util, sys; sys.exit(importlib.util.find_spec('helm_python') is None)",
+        ])
+        .status()
+        .is_ok_and(|status| status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: installing {HELM_PYTHON} (renders the Helm chart in tests)");
+    run_command(Command::new("python3").args(["-m", "pip", "install", "--quiet", HELM_PYTHON]))
 }
 
 fn install_apt_packages() -> anyhow::Result<()> {

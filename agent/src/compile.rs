@@ -32,6 +32,7 @@ pub use self::{
 use crate::{
     policy::{
         Labels, Mode, NamedPort, NetworkPolicy, Peer, PodView, PolicyRef, PortMatch, PortSpec,
+        RuleRef,
     },
     state::{ObjectKey, Pod, Snapshot},
 };
@@ -88,18 +89,18 @@ pub struct PolicyEntryKey {
     pub ports: PortPrefix,
 }
 
-/// What an entry allows, and (userspace only) which policies' rules allow it.
+/// What an entry allows, and (userspace only) which rules allow it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Allowance {
     /// `POLICY_ALLOW_*` bits, including those of every shorter entry covering this one.
     pub flags: u32,
-    pub policies: BTreeSet<PolicyRef>,
+    pub rules: BTreeSet<RuleRef>,
 }
 
 impl Allowance {
     fn merge(&mut self, other: &Allowance) {
         self.flags |= other.flags;
-        self.policies.extend(other.policies.iter().cloned());
+        self.rules.extend(other.rules.iter().cloned());
     }
 }
 
@@ -255,12 +256,12 @@ fn service_grants(
             }
             let protocol = port.protocol.number();
             let (mut all_enforced, mut all_allowed) = (true, true);
-            let mut policies = BTreeSet::new();
+            let mut rules = BTreeSet::new();
             for (ip, number) in backends {
                 let allowance = program.allowance_at(classes, identities, ip, protocol, number);
                 all_enforced &= allowance.flags & POLICY_ALLOW_ENFORCED != 0;
                 all_allowed &= allowance.flags != 0;
-                policies.extend(allowance.policies);
+                rules.extend(allowance.rules);
             }
             if all_allowed {
                 let flags = if all_enforced {
@@ -270,7 +271,7 @@ fn service_grants(
                 };
                 grants.insert(
                     PortPrefix::port(protocol, port.port),
-                    Allowance { flags, policies },
+                    Allowance { flags, rules },
                 );
             }
         }
@@ -365,14 +366,18 @@ impl EndpointProgram {
         identities: &[(u32, &IdentityKey)],
         policy: &NetworkPolicy,
     ) {
-        let allowance = Allowance {
-            flags: match policy.mode {
-                Mode::Enforce => POLICY_ALLOW_ENFORCED,
-                Mode::Audit => POLICY_ALLOW_AUDITED,
-            },
-            policies: BTreeSet::from([policy.id.clone()]),
+        let flags = match policy.mode {
+            Mode::Enforce => POLICY_ALLOW_ENFORCED,
+            Mode::Audit => POLICY_ALLOW_AUDITED,
         };
-        for rule in &policy.egress {
+        for (index, rule) in policy.egress.iter().enumerate() {
+            let allowance = Allowance {
+                flags,
+                rules: BTreeSet::from([RuleRef {
+                    policy: policy.id.clone(),
+                    rule: index,
+                }]),
+            };
             let has_named = rule
                 .ports
                 .iter()

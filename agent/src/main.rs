@@ -518,7 +518,7 @@ fn print_explain(answer: &serde_json::Value, output: Output) {
     );
     match answer["verdict"].as_str() {
         Some("allow") if !list(&answer["allowed_by"]).is_empty() => {
-            println!("  allowed by: {}", list(&answer["allowed_by"]));
+            println!("  allowed by: {}", list(&answer["allowed_by_rules"]));
         }
         Some("allow") => println!("  no policy isolates the pod"),
         _ => println!(

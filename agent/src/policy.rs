@@ -30,6 +30,20 @@ impl fmt::Display for PolicyRef {
     }
 }
 
+/// One egress rule of one policy: `namespace/name egress[index]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleRef {
+    pub policy: PolicyRef,
+    /// Index in the policy's `spec.egress`.
+    pub rule: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} egress[{}]", self.policy, self.rule)
+    }
+}
+
 /// Whether a policy's would-be denials drop packets or are only counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {

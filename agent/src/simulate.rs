@@ -194,7 +194,7 @@ impl<'a> Simulator<'a> {
             port,
         );
         let policies = match decision.verdict {
-            Verdict::Allow => decision.allowed_by,
+            Verdict::Allow => decision.allowing_policies(),
             Verdict::Deny | Verdict::AuditDeny => endpoint.isolated_by.clone(),
         };
         Ok(Answer {

@@ -261,6 +261,10 @@ fn check_status_and_explain(
         explain["allowed_by"],
         serde_json::json!(["shop/client-dns-only"])
     );
+    assert_eq!(
+        explain["allowed_by_rules"],
+        serde_json::json!(["shop/client-dns-only egress[0]"])
+    );
 }
 
 /// Metrics: per-pod packet counters by verdict and reason, denied flows by policy set.

@@ -13,14 +13,25 @@ use egret_common::{
 use ipnet::IpNet;
 
 use super::{Allowance, EndpointEntry, PolicyEntryKey, PortPrefix, Tables};
-use crate::policy::PolicyRef;
+use crate::policy::{PolicyRef, RuleRef};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub verdict: Verdict,
     pub reason: Reason,
-    /// Policies whose rules allow the packet (from the entries the lookups found).
-    pub allowed_by: BTreeSet<PolicyRef>,
+    /// The rules that allow the packet (from the entries the lookups found).
+    pub allowed_by: BTreeSet<RuleRef>,
+}
+
+impl Decision {
+    /// The policies of the rules that allow the packet.
+    #[must_use]
+    pub fn allowing_policies(&self) -> BTreeSet<PolicyRef> {
+        self.allowed_by
+            .iter()
+            .map(|rule| rule.policy.clone())
+            .collect()
+    }
 }
 
 /// The verdict for a packet `endpoint` sends to `dst` (`protocol` number, destination
@@ -57,7 +68,7 @@ pub fn decide(
     Decision {
         verdict,
         reason,
-        allowed_by: found.policies,
+        allowed_by: found.rules,
     }
 }
 

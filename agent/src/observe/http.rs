@@ -207,7 +207,8 @@ async fn explain(
         "protocol": query.protocol,
         "verdict": super::kernel::verdict_name(decision.verdict),
         "reason": decision.reason.name(),
-        "allowed_by": decision.allowed_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "allowed_by": decision.allowing_policies().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "allowed_by_rules": decision.allowed_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "isolated_by": endpoint.isolated_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
     }))
 }

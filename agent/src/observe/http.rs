@@ -26,6 +26,14 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(observed);
+    serve_router(addr, app, shutdown).await
+}
+
+async fn serve_router(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -83,10 +91,7 @@ pub async fn serve_admin(
         .route("/v1/explain", get(explain))
         .route("/v1/flows", get(flows))
         .with_state(admin);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_router(addr, app, shutdown).await
 }
 
 fn json(value: &serde_json::Value) -> axum::response::Response {

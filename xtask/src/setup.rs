@@ -26,7 +26,7 @@ const APT_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-/// Renders the Helm chart in the deploy tests (Helm's engine, from PyPI; no `helm`
+/// Renders the Helm chart in the deploy tests (Helm's engine, from `PyPI`; no `helm`
 /// binary is packaged for Debian).
 const HELM_PYTHON: &str = "helm-python-sdk==0.2.2";
 

@@ -82,6 +82,12 @@ impl AgentProcess {
         })
     }
 
+    /// The agent's process id, while it runs (`nsenter` execs the agent in place).
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     #[must_use]
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

@@ -29,6 +29,7 @@
 //! [`require_root`] first.
 
 pub mod agent;
+pub mod cluster;
 pub mod frames;
 mod listener;
 pub mod manifests;

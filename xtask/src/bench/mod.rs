@@ -1,0 +1,245 @@
+//! `cargo xtask bench`: runs the benchmarks and writes `BENCHMARKS.md` with the command,
+//! the machine, medians and ranges, and the targets of issue 8 against what was measured.
+//! Never part of `cargo xtask test`.
+//!
+//! Library-level benchmarks are `agent/benches/*.rs` (compile, per-packet cost through
+//! `BPF_PROG_TEST_RUN`, programming rate and change latency); they print JSON lines.
+//! Process-level ones run here: the agent's memory on generated clusters, and
+//! throughput through a network-namespace node with Egret, iptables + ipset and
+//! nftables.
+
+mod memory;
+mod report;
+mod throughput;
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+
+use crate::{build_agent, cargo, is_root, workspace_root};
+
+/// How much to run.
+#[derive(Clone, Copy, Debug)]
+pub struct Scale {
+    pub quick: bool,
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "the benchmarks load BPF programs and build network namespaces: run `cargo xtask bench` as root"
+    );
+    let scale = Scale { quick };
+    let command = if quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
+    // Build everything first, so build time is not benchmark time.
+    let agent = build_agent(true)?;
+    for bench in BENCHES {
+        cargo_bench(bench, &["--no-run"])?;
+    }
+
+    let load_before = load_average();
+    let started = Instant::now();
+    let mut results: Vec<Value> = Vec::new();
+    let quick_arg: &[&str] = if quick { &["--", "--quick"] } else { &[] };
+    for bench in BENCHES {
+        eprintln!("bench: {bench}");
+        results.extend(cargo_bench(bench, quick_arg)?);
+    }
+    // A stage that fails is reported and the others still run: a long run is not lost.
+    let mut failures = Vec::new();
+    for (stage, outcome) in [
+        (
+            "agent memory",
+            memory::run as fn(&Path, Scale) -> anyhow::Result<Vec<Value>>,
+        ),
+        ("throughput", throughput::run),
+    ]
+    .map(|(stage, run)| {
+        eprintln!("bench: {stage}");
+        (stage, run(&agent, scale))
+    }) {
+        match outcome {
+            Ok(rows) => results.extend(rows),
+            Err(error) => {
+                eprintln!("bench: {stage} failed: {error:#}");
+                results.push(serde_json::json!({
+                    "bench": "failure",
+                    "stage": stage,
+                    "error": format!("{error:#}"),
+                }));
+                failures.push(stage);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+
+    let raw = workspace_root().join("target").join("bench-results.jsonl");
+    let lines: Vec<String> = results.iter().map(Value::to_string).collect();
+    std::fs::write(&raw, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", raw.display()))?;
+    let context = report::Context {
+        command,
+        machine: machine(),
+        elapsed,
+        load_before,
+        load_after: load_average(),
+        quick,
+    };
+    let markdown = report::render(&context, &results);
+    let path = workspace_root().join("BENCHMARKS.md");
+    std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "{markdown}\nwritten to {} (raw results: {})",
+        path.display(),
+        raw.display()
+    );
+    ensure!(
+        failures.is_empty(),
+        "benchmark stages failed: {}",
+        failures.join(", ")
+    );
+    Ok(())
+}
+
+/// The benchmark binaries of the `egret` package, in the order they run.
+const BENCHES: [&str; 3] = ["compile", "datapath", "control_plane"];
+
+/// Runs `cargo bench -p egret --bench NAME ARGS` and returns its JSON lines.
+fn cargo_bench(name: &str, args: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let mut command = cargo();
+    command
+        .current_dir(workspace_root())
+        .args(["bench", "--quiet", "--package", "egret", "--bench", name])
+        .args(args);
+    let output = command
+        .output()
+        .with_context(|| format!("running the {name} benchmark"))?;
+    ensure!(
+        output.status.success(),
+        "{name} benchmark failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    json_lines(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn json_lines(text: &str) -> anyhow::Result<Vec<Value>> {
+    text.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).context("benchmark output"))
+        .collect()
+}
+
+/// Median and extremes of a few samples.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    sorted: Vec<f64>,
+}
+
+impl Summary {
+    /// `None` for no samples.
+    pub fn of(mut samples: Vec<f64>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        Some(Self { sorted: samples })
+    }
+
+    pub fn median(&self) -> f64 {
+        let n = self.sorted.len();
+        if n % 2 == 1 {
+            self.sorted[n / 2]
+        } else {
+            f64::midpoint(self.sorted[n / 2 - 1], self.sorted[n / 2])
+        }
+    }
+
+    pub fn min(&self) -> f64 {
+        self.sorted[0]
+    }
+
+    pub fn max(&self) -> f64 {
+        self.sorted[self.sorted.len() - 1]
+    }
+}
+
+/// `/proc/loadavg`'s first three fields: other work on the machine skews every figure.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let kernel = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or_else(String::new, |kib| {
+            format!(", {} GiB RAM", kib / (1024 * 1024))
+        });
+    format!(
+        "{cpus} CPUs ({model}){memory}, kernel {}",
+        kernel.unwrap_or_default()
+    )
+}
+
+/// A fresh directory under the temp directory, removed on drop.
+pub struct ScratchDir {
+    path: std::path::PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("egret-bench-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `done` every 100 ms until it is true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    done()
+}

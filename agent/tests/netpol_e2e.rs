@@ -2,16 +2,14 @@
 //! (`tests/data/netpol-e2e/`, see its README), run through `egret simulate`: every
 //! (from, to) pair of the 9x9 reachability matrix, for each probed port and protocol.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
 };
 
 use serde::Deserialize;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_egret");
 const PODS: [&str; 9] = [
     "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
 ];
@@ -157,37 +155,8 @@ fn simulate_matrix(manifests: &Path, port: u16, protocol: &str) -> Vec<Vec<bool>
             queries.push('\n');
         }
     }
-    let mut child = Command::new(AGENT)
-        .args(["simulate", "--manifests"])
-        .arg(manifests)
-        .args(["--queries", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("egret simulate starts");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(queries.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "simulate failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.stderr.is_empty() || !String::from_utf8_lossy(&output.stderr).contains("WARN"),
-        "manifests reported problems: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let answers: Vec<serde_json::Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (answers, log) = common::simulate(manifests, &queries);
+    assert!(!log.contains("WARN"), "manifests reported problems: {log}");
     assert_eq!(answers.len(), 81);
     answers
         .chunks(9)

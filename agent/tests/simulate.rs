@@ -1,14 +1,8 @@
 //! `egret simulate` as a user runs it: manifest files in, JSON lines out.
 
-use std::{
-    io::Write as _,
-    path::Path,
-    process::{Command, Stdio},
-};
+mod common;
 
-use serde_json::Value;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_egret");
+use common::simulate;
 
 const CLUSTER: &str = r"
 apiVersion: v1
@@ -72,36 +66,6 @@ spec:
   podSelector: {}
   egress: [{ports: [{port: [80]}]}]
 ";
-
-fn simulate(dir: &Path, queries: &str) -> (Vec<Value>, String) {
-    let mut child = Command::new(AGENT)
-        .args(["simulate", "--manifests"])
-        .arg(dir)
-        .args(["--queries", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(queries.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let answers = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (answers, String::from_utf8(output.stderr).unwrap())
-}
 
 fn cluster_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

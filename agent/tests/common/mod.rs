@@ -74,3 +74,33 @@ pub fn egress_policy(name: &str, app: &str, egress: &str, annotations: &str) -> 
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: shop\n  annotations: {{{annotations}}}\nspec:\n  podSelector:\n    matchLabels: {{app: {app}}}\n  policyTypes: [Egress]\n  egress: {egress}\n"
     )
 }
+
+/// Runs `egret simulate` on `manifests` with `queries` (JSON lines) on stdin; returns
+/// the answers and what it logged.
+pub fn simulate(manifests: &Path, queries: &str) -> (Vec<serde_json::Value>, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(AGENT)
+        .args(["simulate", "--manifests"])
+        .arg(manifests)
+        .args(["--queries", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("egret simulate starts");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(queries.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "simulate failed: {log}");
+    let answers = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("simulate prints JSON lines"))
+        .collect();
+    (answers, log)
+}

@@ -227,9 +227,11 @@ impl<'a> Bench<'a> {
                 // Egret may not program a large allow list in the time allowed: that is
                 // a result, and the other filters are still worth measuring.
                 Err(error) if filter == Filter::Egret => {
-                    let first_line = error.to_string().lines().next().unwrap_or("").to_owned();
-                    eprintln!("  throughput: egret gave up: {first_line}");
-                    samples.gave_up = Some(first_line);
+                    eprintln!("  throughput: egret gave up: {error:#}");
+                    samples.gave_up = Some(format!(
+                        "the agent had not programmed the allow list and attached after {} s",
+                        plan.egret_timeout.as_secs()
+                    ));
                     return Ok(samples);
                 }
                 Err(error) => return Err(error),

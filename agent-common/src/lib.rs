@@ -40,6 +40,9 @@ pub enum Reason {
     NotFiltered = 2,
     /// A reply of a connection the endpoint accepted, or a packet of a flow already allowed.
     Conntrack = 3,
+    /// An ICMP or ICMPv6 error (unreachable, packet too big, time exceeded, parameter
+    /// problem) about a flow the connection tracker holds.
+    Related = 4,
     /// Isolated, and no rule of any policy selecting the endpoint allows the packet.
     NoRuleAllows = 10,
     /// The source address is not one of the endpoint's addresses.
@@ -53,21 +56,49 @@ pub enum Reason {
     Fragment = 14,
     /// Too short or malformed to read the headers the verdict needs.
     Malformed = 15,
+    /// A frame of an isolated endpoint that is neither IP nor ARP.
+    NonIp = 16,
+    /// An 802.1Q / 802.1ad VLAN-tagged frame of an isolated endpoint: pods send untagged.
+    Vlan = 17,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    /// Every reason, in counter-slot order ([`Reason::index`]).
+    pub const ALL: [Reason; 13] = [
         Reason::NotIsolated,
         Reason::PolicyAllows,
         Reason::NotFiltered,
         Reason::Conntrack,
+        Reason::Related,
         Reason::NoRuleAllows,
         Reason::SpoofedSource,
         Reason::UnknownEndpoint,
         Reason::TableOverflow,
         Reason::Fragment,
         Reason::Malformed,
+        Reason::NonIp,
+        Reason::Vlan,
     ];
+
+    /// The reason's position in [`Reason::ALL`]: dense, for the counter array.
+    #[must_use]
+    pub const fn index(self) -> u32 {
+        match self {
+            Reason::NotIsolated => 0,
+            Reason::PolicyAllows => 1,
+            Reason::NotFiltered => 2,
+            Reason::Conntrack => 3,
+            Reason::Related => 4,
+            Reason::NoRuleAllows => 5,
+            Reason::SpoofedSource => 6,
+            Reason::UnknownEndpoint => 7,
+            Reason::TableOverflow => 8,
+            Reason::Fragment => 9,
+            Reason::Malformed => 10,
+            Reason::NonIp => 11,
+            Reason::Vlan => 12,
+        }
+    }
 
     #[must_use]
     pub fn from_u8(value: u8) -> Option<Self> {
@@ -82,14 +113,35 @@ impl Reason {
             Reason::PolicyAllows => "policy",
             Reason::NotFiltered => "not_filtered",
             Reason::Conntrack => "conntrack",
+            Reason::Related => "related",
             Reason::NoRuleAllows => "no_rule_allows",
             Reason::SpoofedSource => "spoofed_source",
             Reason::UnknownEndpoint => "unknown_endpoint",
             Reason::TableOverflow => "table_overflow",
             Reason::Fragment => "fragment",
             Reason::Malformed => "malformed",
+            Reason::NonIp => "non_ip",
+            Reason::Vlan => "vlan",
         }
     }
+}
+
+/// Counter slots per endpoint: one per (verdict, reason) pair.
+pub const COUNTER_SLOTS: u32 = Verdict::ALL.len() as u32 * Reason::ALL.len() as u32;
+
+/// The slot of `(verdict, reason)` within an endpoint's row of `COUNTERS_V2`.
+#[must_use]
+pub const fn counter_slot(verdict: Verdict, reason: Reason) -> u32 {
+    verdict as u32 * Reason::ALL.len() as u32 + reason.index()
+}
+
+/// The `(verdict, reason)` pair of a counter slot; the inverse of [`counter_slot`].
+#[must_use]
+pub fn counter_pair(slot: u32) -> Option<(Verdict, Reason)> {
+    let reasons = Reason::ALL.len() as u32;
+    let verdict = Verdict::from_u8(u8::try_from(slot / reasons).ok()?)?;
+    let reason = *Reason::ALL.get((slot % reasons) as usize)?;
+    Some((verdict, reason))
 }
 
 /// IP protocol numbers the tables distinguish.

@@ -19,13 +19,27 @@ pub mod names {
     pub const IDENTITY: &str = "IDENTITY_V1";
     pub const CIDR: &str = "CIDR_V1";
     pub const POLICY: &str = "POLICY_V1";
-    pub const COUNTERS: &str = "COUNTERS_V1";
-    pub const SETTINGS: &str = "SETTINGS_V1";
-    pub const CONNTRACK: &str = "CONNTRACK_V1";
-    pub const FRAGMENTS: &str = "FRAGMENTS_V1";
+    /// Per-CPU array: one row of [`crate::COUNTER_SLOTS`] counters per endpoint slot.
+    pub const COUNTERS: &str = "COUNTERS_V2";
+    pub const SETTINGS: &str = "SETTINGS_V2";
+    /// Flows that completed a handshake (TCP) or saw traffic both ways and then more
+    /// (other protocols): nothing unassured is ever inserted here, so no flood of
+    /// unanswered tuples can evict them.
+    pub const CT_ESTABLISHED: &str = "CT_ESTABLISHED_V2";
+    /// Flows not (or no longer) established: handshakes, unanswered datagrams, closing
+    /// connections. An LRU of its own: a flood evicts only its own kind.
+    pub const CT_UNASSURED: &str = "CT_UNASSURED_V2";
+    /// Per-CPU array of conntrack event counts, indexed by `CT_STAT_*`.
+    pub const CT_STATS: &str = "CT_STATS_V2";
+    pub const FRAGMENTS: &str = "FRAGMENTS_V2";
     pub const EVENTS: &str = "EVENTS_V1";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET_V1";
     pub const EVENTS_LOST: &str = "EVENTS_LOST_V1";
+    /// Maps of the first layout that an upgraded agent takes over and then removes.
+    pub const LEGACY: [&str; 4] = ["CONNTRACK_V1", "COUNTERS_V1", "SETTINGS_V1", "FRAGMENTS_V1"];
+    /// The single-table conntrack of the first layout (a [`super::FlowKey`] ->
+    /// [`super::LegacyFlowState`] LRU), migrated into the new tables on upgrade.
+    pub const LEGACY_CONNTRACK: &str = "CONNTRACK_V1";
 }
 
 /// Default capacities; the agent can size every map from its flags.
@@ -34,9 +48,18 @@ pub mod capacity {
     pub const IDENTITIES: u32 = 262_144;
     pub const CIDRS: u32 = 131_072;
     pub const POLICY: u32 = 524_288;
-    pub const COUNTERS: u32 = 65_536;
-    pub const CONNTRACK: u32 = 262_144;
+    /// Endpoint rows of the counter array; endpoints numbered beyond it share the
+    /// overflow row, which `/metrics` shows, so no count is ever lost.
+    pub const COUNTER_ENDPOINTS: u32 = 1_024;
+    pub const CT_ESTABLISHED: u32 = 262_144;
+    pub const CT_UNASSURED: u32 = 65_536;
     pub const FRAGMENTS: u32 = 8_192;
+}
+
+/// Rows of `COUNTERS_V2` for `endpoints` endpoint slots: one per slot and the overflow row.
+#[must_use]
+pub const fn counter_entries(endpoints: u32) -> u32 {
+    (endpoints + 1) * crate::COUNTER_SLOTS
 }
 
 /// Ancestor levels a cgroup program looks at to find the pod's cgroup above a
@@ -121,18 +144,6 @@ pub const POLICY_ALLOW_ENFORCED: u32 = 1;
 /// Allowed by a rule of a policy in audit mode.
 pub const POLICY_ALLOW_AUDITED: u32 = 1 << 1;
 
-/// Key of the per-CPU counters.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CounterKey {
-    pub endpoint: u32,
-    /// [`crate::Verdict`] as `u8`.
-    pub verdict: u8,
-    /// [`crate::Reason`] as `u8`.
-    pub reason: u8,
-    pub pad: [u8; 2],
-}
-
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CounterValue {
@@ -142,12 +153,58 @@ pub struct CounterValue {
 
 /// Node-wide settings, one element of an array map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// `SETTINGS_FLAG_*` bits.
     pub flags: u32,
     /// Flow events each endpoint may emit per second; the rest are counted as lost.
     pub events_per_second: u32,
+    /// Changes whenever the policy tables change. A flow's cached verdict holds only
+    /// for the epoch it was judged in, so a policy change reaches established flows on
+    /// their next packet.
+    pub policy_epoch: u32,
+    /// Idle seconds before a flow is forgotten, by conntrack state.
+    pub timeouts: Timeouts,
+    pub pad: u32,
+}
+
+/// Idle timeouts of the connection tracker, in seconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A handshake in progress, an unanswered datagram flow.
+    pub unassured: u32,
+    /// A TCP connection after its handshake.
+    pub tcp_established: u32,
+    /// A non-TCP flow that saw traffic both ways and then more.
+    pub other_established: u32,
+    /// A TCP connection after a FIN.
+    pub closing: u32,
+}
+
+impl Timeouts {
+    pub const DEFAULT: Timeouts = Timeouts {
+        unassured: 60,
+        tcp_established: 6 * 3_600,
+        other_established: 180,
+        closing: 10,
+    };
+}
+
+impl Settings {
+    pub const DEFAULT: Settings = Settings {
+        flags: 0,
+        events_per_second: DEFAULT_EVENTS_PER_SECOND,
+        policy_epoch: 0,
+        timeouts: Timeouts::DEFAULT,
+        pad: 0,
+    };
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// Packets from interfaces with no endpoint entry are denied (`--unknown-pod deny`).
@@ -172,25 +229,95 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+/// A flow in `CONNTRACK_V1`, the first layout: kept to migrate it on upgrade.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowState {
-    /// `bpf_ktime_get_ns` of the last packet either way.
+pub struct LegacyFlowState {
     pub last_seen_ns: u64,
-    /// `FLOW_ORIGIN_*`.
     pub origin: u8,
     pub pad: [u8; 7],
+}
+
+/// A tracked flow, in `CT_ESTABLISHED_V2` or `CT_UNASSURED_V2`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    /// `bpf_ktime_get_coarse_ns` of the last packet either way, written at most once a
+    /// second.
+    pub last_seen_ns: u64,
+    /// [`Settings::policy_epoch`] when the endpoint's policy last allowed the flow.
+    pub policy_epoch: u32,
+    /// `FLOW_ORIGIN_*`.
+    pub origin: u8,
+    /// `FLOW_STATE_*`.
+    pub state: u8,
+    /// `FLOW_FIN_*` bits: which sides have closed.
+    pub fin: u8,
+    pub pad: u8,
+}
+
+const _: () = assert!(size_of::<FlowEntry>() == 16);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<Settings>() == 32);
+
+/// TCP: the opener's SYN seen.
+pub const FLOW_STATE_SYN_SENT: u8 = 1;
+/// TCP: the acceptor's SYN-ACK seen.
+pub const FLOW_STATE_SYN_RECV: u8 = 2;
+/// TCP: the opener acknowledged the SYN-ACK; lives in `CT_ESTABLISHED_V2`.
+pub const FLOW_STATE_ESTABLISHED: u8 = 3;
+/// TCP: a FIN seen; back in `CT_UNASSURED_V2` until the last ACK or the timeout.
+pub const FLOW_STATE_CLOSING: u8 = 4;
+/// Other protocols: traffic seen one way only.
+pub const FLOW_STATE_NEW: u8 = 5;
+/// Other protocols: the reply seen.
+pub const FLOW_STATE_REPLIED: u8 = 6;
+/// Other protocols: the opener sent again after the reply; lives in `CT_ESTABLISHED_V2`.
+pub const FLOW_STATE_ASSURED: u8 = 7;
+
+/// The endpoint sent a FIN.
+pub const FLOW_FIN_FROM_ENDPOINT: u8 = 1;
+/// The peer sent a FIN.
+pub const FLOW_FIN_FROM_PEER: u8 = 1 << 1;
+
+/// `CT_STATS_V2` slots.
+pub const CT_STAT_INSERTED_UNASSURED: u32 = 0;
+pub const CT_STAT_INSERTED_ESTABLISHED: u32 = 1;
+pub const CT_STAT_REMOVED_UNASSURED: u32 = 2;
+pub const CT_STAT_REMOVED_ESTABLISHED: u32 = 3;
+/// Inserts the kernel refused (a promotion that did not fit, memory pressure).
+pub const CT_STAT_INSERT_FAILED: u32 = 4;
+/// Established flows the agent wrote (seeded from the kernel's conntrack, migrated on
+/// upgrade); only userspace writes this slot.
+pub const CT_STAT_WRITTEN_BY_AGENT: u32 = 5;
+pub const CT_STAT_SLOTS: u32 = 6;
+
+/// Identifies the fragments of one datagram (RFC 791 / RFC 8200).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+/// The verdict of a datagram's first fragment, which its later fragments follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentVerdict {
+    pub dst_port: u16,
+    /// [`crate::Verdict`] as `u8`.
+    pub verdict: u8,
+    /// [`crate::Reason`] as `u8`.
+    pub reason: u8,
 }
 
 /// The endpoint accepted the flow: what it sends back is a reply.
 pub const FLOW_ORIGIN_INBOUND: u8 = 1;
 /// The endpoint opened the flow, and its policy allowed it.
 pub const FLOW_ORIGIN_OUTBOUND: u8 = 2;
-
-/// Idle time after which a TCP flow is forgotten.
-pub const FLOW_TIMEOUT_TCP_NS: u64 = 3_600 * 1_000_000_000;
-/// Idle time after which a UDP, SCTP or ICMP flow is forgotten.
-pub const FLOW_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
 
 /// Emit a flow event for every new flow an endpoint is allowed to open, not only for
 /// denials (`--flow-log-allowed`).
@@ -239,8 +366,8 @@ pub const UNKNOWN_ENDPOINT_ID: u32 = 0;
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CidrKey, CounterKey, CounterValue, Endpoint, EventBudget, FlowEvent, FlowKey, FlowState,
-        IpKey, PolicyKey, PolicyValue, Settings,
+        CidrKey, CounterValue, Endpoint, EventBudget, FlowEntry, FlowEvent, FlowKey, FragmentKey,
+        FragmentVerdict, IpKey, LegacyFlowState, PolicyKey, PolicyValue, Settings,
     };
 
     // SAFETY: every type is #[repr(C)], made of integers and byte arrays, with explicit
@@ -250,11 +377,13 @@ mod user {
     unsafe impl aya::Pod for CidrKey {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
-    unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for LegacyFlowState {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentVerdict {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for EventBudget {}
 }

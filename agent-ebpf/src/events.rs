@@ -2,7 +2,6 @@
 //! endpoint; what the budget or a full buffer refuses is counted as lost.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
@@ -24,12 +23,28 @@ static EVENT_BUDGET_V1: LruHashMap<u32, EventBudget> = LruHashMap::pinned(capaci
 #[map]
 static EVENTS_LOST_V1: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// What happened to a packet, for its event.
+#[derive(Clone, Copy)]
+pub struct Report {
+    pub endpoint: u32,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub bytes: u32,
+    /// The packet's one clock reading (`bpf_ktime_get_coarse_ns`).
+    pub now: u64,
+}
+
+// Not inlined, and two arguments: BPF calls take at most five.
 #[inline(never)]
-pub fn emit(endpoint: u32, verdict: Verdict, reason: Reason, packet: &Packet, bytes: u32) {
-    // Read here, not passed in: BPF calls take at most five arguments.
+pub fn emit(report: &Report, packet: &Packet) {
+    let Report {
+        endpoint,
+        verdict,
+        reason,
+        bytes,
+        now,
+    } = *report;
     let per_second = crate::maps::settings().events_per_second;
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     if !take_budget(endpoint, now, per_second) {
         lost();
         return;

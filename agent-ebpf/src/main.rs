@@ -4,6 +4,7 @@
 #![no_main]
 
 mod conntrack;
+mod diagnostics;
 mod events;
 mod maps;
 mod packet;

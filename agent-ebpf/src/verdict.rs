@@ -1,20 +1,21 @@
 //! The verdict for one packet an endpoint sends: link plumbing passes, spoofed sources
-//! drop, then the endpoint's policy tables decide.
+//! drop, tracked flows pass on their cached verdict, then the policy tables decide.
 
-use aya_ebpf::programs::sk_buff::SkBuff;
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::sk_buff::SkBuff};
 use egret_common::{
     Reason, Verdict,
     maps::{
         ENDPOINT_FLAG_FAIL_CLOSED, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
-        ENDPOINT_FLAG_ISOLATED_AUDITED, ENDPOINT_FLAG_ISOLATED_ENFORCED, Endpoint,
-        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_FULL, SETTINGS_FLAG_AUDIT_ALL,
+        ENDPOINT_FLAG_ISOLATED_AUDITED, ENDPOINT_FLAG_ISOLATED_ENFORCED, Endpoint, FlowKey,
+        FragmentVerdict, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_FULL, SETTINGS_FLAG_AUDIT_ALL,
         SETTINGS_FLAG_DENY_UNKNOWN, SETTINGS_FLAG_EVENTS_ALLOWED, SETTINGS_FLAG_KEEP_ESTABLISHED,
-        UNKNOWN_ENDPOINT_ID,
+        Settings, UNKNOWN_ENDPOINT_ID,
     },
 };
 
 use crate::{
-    conntrack, events, maps,
+    conntrack::{self, Direction},
+    diagnostics, events, maps,
     packet::{self, Fragment, Packet, Parsed},
 };
 
@@ -34,14 +35,19 @@ const fn outcome(verdict: Verdict, reason: Reason) -> Outcome {
 }
 
 /// Judges the packet, counts it, reports it when worth it, and returns what to do.
+#[inline(always)]
 pub fn judge(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: Option<&Endpoint>) -> Verdict {
     let settings = maps::settings();
-    let parsed = packet::parse(skb, l3, ethertype);
+    let mut packet = Packet::EMPTY;
+    let parsed = packet::parse(skb, l3, ethertype, &mut packet);
+    // One coarse clock read per packet, shared by conntrack and the event budget.
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let (endpoint_id, result) = match endpoint {
-        Some(endpoint) => {
-            let keep_established = settings.flags & SETTINGS_FLAG_KEEP_ESTABLISHED != 0;
-            (endpoint.id, decide(&parsed, endpoint, keep_established))
-        }
+        Some(endpoint) => (
+            endpoint.id,
+            decide(skb, parsed, &packet, endpoint, settings, now),
+        ),
         None if settings.flags & SETTINGS_FLAG_DENY_UNKNOWN != 0 => (
             UNKNOWN_ENDPOINT_ID,
             outcome(Verdict::Deny, Reason::UnknownEndpoint),
@@ -58,24 +64,47 @@ pub fn judge(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: Option<&Endpoint
             result.verdict
         };
     let bytes = skb.len();
-    maps::count(endpoint_id, verdict as u8, result.reason as u8, bytes);
+    maps::count(endpoint_id, verdict, result.reason, bytes);
     let report = verdict != Verdict::Allow
         || (result.opened_flow && settings.flags & SETTINGS_FLAG_EVENTS_ALLOWED != 0);
-    if report && let Parsed::Ip(packet) = &parsed {
-        events::emit(endpoint_id, verdict, result.reason, packet, bytes);
+    if report {
+        match parsed {
+            Parsed::Ip => events::emit(
+                &events::Report {
+                    endpoint: endpoint_id,
+                    verdict,
+                    reason: result.reason,
+                    bytes,
+                    now,
+                },
+                &packet,
+            ),
+            Parsed::Malformed => diagnostics::malformed(endpoint_id, ethertype),
+            _ => {}
+        }
     }
     verdict
 }
 
-fn decide(parsed: &Parsed, endpoint: &Endpoint, keep_established: bool) -> Outcome {
+#[inline(always)]
+fn decide(
+    skb: &SkBuff,
+    parsed: Parsed,
+    packet: &Packet,
+    endpoint: &Endpoint,
+    settings: &Settings,
+    now: u64,
+) -> Outcome {
     let is_isolated =
         endpoint.flags & (ENDPOINT_FLAG_ISOLATED_ENFORCED | ENDPOINT_FLAG_ISOLATED_AUDITED) != 0;
-    let packet = match parsed {
-        Parsed::NotIp => return outcome(Verdict::Allow, Reason::NotFiltered),
-        Parsed::Malformed if is_isolated => return outcome(Verdict::Deny, Reason::Malformed),
-        Parsed::Malformed => return outcome(Verdict::Allow, Reason::NotIsolated),
-        Parsed::Ip(packet) => packet,
-    };
+    match parsed {
+        Parsed::Ip => {}
+        Parsed::Arp => return outcome(Verdict::Allow, Reason::NotFiltered),
+        _ if !is_isolated => return outcome(Verdict::Allow, Reason::NotFiltered),
+        Parsed::Vlan => return outcome(Verdict::Deny, Reason::Vlan),
+        Parsed::NotIp => return outcome(Verdict::Deny, Reason::NonIp),
+        Parsed::Malformed => return outcome(Verdict::Deny, Reason::Malformed),
+    }
     if packet.is_link_control {
         return outcome(Verdict::Allow, Reason::NotFiltered);
     }
@@ -85,39 +114,136 @@ fn decide(parsed: &Parsed, endpoint: &Endpoint, keep_established: bool) -> Outco
     if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
         return outcome(Verdict::Deny, Reason::TableOverflow);
     }
-    if let Some(origin) = conntrack::sent_flow_origin(packet)
-        && (conntrack::is_reply(origin) || keep_established)
+    if packet.fragment == Fragment::Later {
+        return later_fragment(packet, is_isolated);
+    }
+    if packet.is_icmp_error && is_related(skb, packet, now, settings) {
+        return outcome(Verdict::Allow, Reason::Related);
+    }
+    let Some(key) = conntrack::key(packet, Direction::Sent) else {
+        // Not a flow (an ICMP message that is neither echo nor a known error).
+        return untracked(endpoint, packet, is_isolated);
+    };
+    let result = match conntrack::track(&key, packet, Direction::Sent, now, settings) {
+        Some(flow) => tracked(endpoint, packet, &key, &flow, is_isolated, settings),
+        None => new_flow(endpoint, packet, &key, is_isolated, settings, now),
+    };
+    if packet.fragment == Fragment::First && is_isolated && result.verdict != Verdict::Deny {
+        remember_fragment(packet, &result);
+    }
+    result
+}
+
+/// A packet of a flow the tracker holds: a reply passes; a flow the endpoint opened
+/// passes on its cached verdict while the policy epoch holds, and is judged again
+/// once after a policy change (unless established flows are kept).
+#[inline(always)]
+fn tracked(
+    endpoint: &Endpoint,
+    packet: &Packet,
+    key: &FlowKey,
+    flow: &conntrack::Tracked,
+    is_isolated: bool,
+    settings: &Settings,
+) -> Outcome {
+    if conntrack::is_reply(flow)
+        || !is_isolated
+        || flow.policy_epoch == settings.policy_epoch
+        || settings.flags & SETTINGS_FLAG_KEEP_ESTABLISHED != 0
     {
         return outcome(Verdict::Allow, Reason::Conntrack);
     }
-    if !is_isolated {
-        let opened_flow = conntrack::on_sent_allowed(packet);
-        return Outcome {
-            verdict: Verdict::Allow,
-            reason: Reason::NotIsolated,
-            opened_flow,
-        };
+    rejudge(endpoint, packet, key, settings.policy_epoch)
+}
+
+/// The policy changed since the flow was last judged.
+#[inline(never)]
+fn rejudge(endpoint: &Endpoint, packet: &Packet, key: &FlowKey, epoch: u32) -> Outcome {
+    let (verdict, reason) = policy_verdict(endpoint, packet, packet.dst_port);
+    if verdict == Verdict::Deny {
+        // Cut: the flow is forgotten, so its next packet is judged as new and denied.
+        conntrack::forget(key);
+        return outcome(verdict, reason);
     }
-    let mut dst_port = packet.dst_port;
-    if packet.fragment == Fragment::Later {
-        match maps::fragment_port(&packet.fragment_key()) {
-            Some(port) => dst_port = port,
-            None => return outcome(Verdict::Deny, Reason::Fragment),
-        }
-    }
-    let (verdict, reason) = policy_verdict(endpoint, packet, dst_port);
-    let mut opened_flow = false;
-    if verdict != Verdict::Deny {
-        if packet.fragment == Fragment::First {
-            maps::remember_fragment(&packet.fragment_key(), dst_port);
-        }
-        opened_flow = conntrack::on_sent_allowed(packet);
-    }
+    conntrack::set_epoch(key, epoch);
+    outcome(Verdict::Allow, Reason::Conntrack)
+}
+
+#[inline(always)]
+fn new_flow(
+    endpoint: &Endpoint,
+    packet: &Packet,
+    key: &FlowKey,
+    is_isolated: bool,
+    settings: &Settings,
+    now: u64,
+) -> Outcome {
+    let (verdict, reason) = if is_isolated {
+        policy_verdict(endpoint, packet, packet.dst_port)
+    } else {
+        (Verdict::Allow, Reason::NotIsolated)
+    };
+    let opened_flow = verdict != Verdict::Deny
+        && conntrack::open(key, packet, Direction::Sent, now, settings.policy_epoch);
     Outcome {
         verdict,
         reason,
         opened_flow,
     }
+}
+
+/// A packet that names no flow: judged on its own every time.
+#[inline(never)]
+fn untracked(endpoint: &Endpoint, packet: &Packet, is_isolated: bool) -> Outcome {
+    if !is_isolated {
+        return outcome(Verdict::Allow, Reason::NotIsolated);
+    }
+    let (verdict, reason) = policy_verdict(endpoint, packet, packet.dst_port);
+    outcome(verdict, reason)
+}
+
+/// A fragment after the first follows the first fragment's verdict.
+#[inline(never)]
+fn later_fragment(packet: &Packet, is_isolated: bool) -> Outcome {
+    if !is_isolated {
+        return outcome(Verdict::Allow, Reason::NotIsolated);
+    }
+    match maps::fragment_verdict(&packet.fragment_key()) {
+        Some(first) => match (
+            Verdict::from_u8(first.verdict),
+            Reason::from_u8(first.reason),
+        ) {
+            (Some(verdict), Some(reason)) => outcome(verdict, reason),
+            _ => outcome(Verdict::Deny, Reason::Fragment),
+        },
+        None => outcome(Verdict::Deny, Reason::Fragment),
+    }
+}
+
+#[inline(never)]
+fn remember_fragment(packet: &Packet, first: &Outcome) {
+    maps::remember_fragment(
+        &packet.fragment_key(),
+        &FragmentVerdict {
+            dst_port: packet.dst_port,
+            verdict: first.verdict as u8,
+            reason: first.reason as u8,
+        },
+    );
+}
+
+/// An ICMP error about a flow the tracker holds, in either direction.
+#[inline(never)]
+fn is_related(skb: &SkBuff, packet: &Packet, now: u64, settings: &Settings) -> bool {
+    let mut key = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        protocol: 0,
+        pad: [0; 3],
+    };
+    packet::quoted_flow(skb, packet, &mut key).is_some() && conntrack::holds(&key, now, settings)
 }
 
 fn is_own_address(endpoint: &Endpoint, packet: &Packet) -> bool {
@@ -128,6 +254,7 @@ fn is_own_address(endpoint: &Endpoint, packet: &Packet) -> bool {
     }
 }
 
+#[inline(never)]
 fn policy_verdict(endpoint: &Endpoint, packet: &Packet, dst_port: u16) -> (Verdict, Reason) {
     let prefix_len = if packet.has_ports() {
         POLICY_PREFIX_FULL
@@ -144,9 +271,27 @@ fn policy_verdict(endpoint: &Endpoint, packet: &Packet, dst_port: u16) -> (Verdi
     egret_common::policy_verdict(endpoint.flags, allowed)
 }
 
-/// A packet reaching the endpoint: remember the flow so the endpoint's replies pass.
+/// A packet reaching the endpoint: moves its flow along, or starts tracking a flow the
+/// endpoint accepts, so the endpoint's replies pass.
+#[inline(always)]
 pub fn observe_received(skb: &SkBuff, l3: usize, ethertype: u16) {
-    if let Parsed::Ip(packet) = packet::parse(skb, l3, ethertype) {
-        conntrack::on_received(&packet);
+    let mut packet = Packet::EMPTY;
+    if packet::parse(skb, l3, ethertype, &mut packet) != Parsed::Ip {
+        return;
+    }
+    let Some(key) = conntrack::key(&packet, Direction::Received) else {
+        return;
+    };
+    let settings = maps::settings();
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if conntrack::track(&key, &packet, Direction::Received, now, settings).is_none() {
+        conntrack::open(
+            &key,
+            &packet,
+            Direction::Received,
+            now,
+            settings.policy_epoch,
+        );
     }
 }

@@ -215,6 +215,7 @@ impl Layout {
             identities: size,
             cidrs: size,
             policy: size,
+            ..Capacities::default()
         }
     }
 
@@ -602,8 +603,8 @@ fn paths(layout: Layout, isolated: Endpoint) -> Vec<Path> {
                 program,
                 endpoint,
                 settings: Settings {
-                    flags: 0,
                     events_per_second: per_second,
+                    ..Settings::DEFAULT
                 },
                 frame: frame.clone(),
                 expect,

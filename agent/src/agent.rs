@@ -107,6 +107,8 @@ pub struct Config {
     /// Report new allowed flows too, not only denials.
     pub events_allowed: bool,
     pub capacities: Capacities,
+    /// Idle timeouts of the connection tracker.
+    pub conntrack_timeouts: egret_common::maps::Timeouts,
     /// Full re-read and reconcile at least this often (a safety net under events).
     pub resync: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
@@ -199,6 +201,9 @@ pub async fn run(
                 warn!(%addr, %error, "cannot serve the admin API");
             }
         });
+    }
+    if let Some(logger) = datapath.take_kernel_log() {
+        tokio::spawn(forward_kernel_log(logger));
     }
     if let Some(reader) = datapath.take_events() {
         let lost = datapath.lost_events()?;
@@ -323,14 +328,36 @@ async fn follow_flows(
     }
 }
 
+/// Forwards the kernel's log records (aya-log) to `tracing` as they come.
+async fn forward_kernel_log(logger: aya_log::EbpfLogger<crate::datapath::KernelLog>) {
+    // SAFETY: the logger owns its ring buffer's fd for its whole life and always
+    // returns that same fd; the AsyncFd owns the logger.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register(logger) };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(error) => {
+            warn!(%error, "cannot poll the kernel log ring buffer; no kernel log");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = ring.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
 async fn wait_for(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|down| *down).await;
 }
 
 fn settings(config: &Config) -> Settings {
     let mut settings = Settings {
-        flags: 0,
         events_per_second: config.events_per_second,
+        timeouts: config.conntrack_timeouts,
+        ..Settings::DEFAULT
     };
     if config.mode == GlobalMode::Audit {
         settings.flags |= SETTINGS_FLAG_AUDIT_ALL;
@@ -347,13 +374,15 @@ fn settings(config: &Config) -> Settings {
     settings
 }
 
-fn capacity_rows(capacities: Capacities) -> [(&'static str, u32); 4] {
+fn capacity_rows(capacities: Capacities) -> [(&'static str, u32); 6] {
     use egret_common::maps::names;
     [
         (names::ENDPOINT, capacities.endpoints),
         (names::IDENTITY, capacities.identities),
         (names::CIDR, capacities.cidrs),
         (names::POLICY, capacities.policy),
+        (names::CT_ESTABLISHED, capacities.ct_established),
+        (names::CT_UNASSURED, capacities.ct_unassured),
     ]
 }
 
@@ -551,6 +580,11 @@ impl Reconciler {
             );
         }
         if self.pending_sources.is_empty() && !self.health.is_ready() {
+            // Every local pod's links now run this agent's programs: what an agent of
+            // the first map layout left can be taken over and removed.
+            if let Err(error) = datapath.retire_legacy_maps() {
+                warn!(%error, "cannot take over the first layout's tracked flows");
+            }
             info!("first full sync programmed: ready");
             self.health.set_ready();
         }

@@ -16,7 +16,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError, SchedClassifier,
         TcAttachType,
@@ -24,9 +27,15 @@ use aya::{
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
     },
 };
-use egret_common::maps::{
-    CidrKey, CounterKey, CounterValue, Endpoint, FlowKey, FlowState, IpKey, PolicyKey, PolicyValue,
-    Settings, capacity, names,
+use egret_common::{
+    COUNTER_SLOTS, Reason, Verdict, counter_pair,
+    maps::{
+        CT_STAT_INSERT_FAILED, CT_STAT_INSERTED_ESTABLISHED, CT_STAT_INSERTED_UNASSURED,
+        CT_STAT_REMOVED_ESTABLISHED, CT_STAT_REMOVED_UNASSURED, CT_STAT_WRITTEN_BY_AGENT, CidrKey,
+        CounterValue, Endpoint, FLOW_STATE_ASSURED, FLOW_STATE_ESTABLISHED, FlowEntry, FlowKey,
+        IpKey, LegacyFlowState, PolicyKey, PolicyValue, Settings, capacity, counter_entries, names,
+    },
+    proto,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -126,6 +135,8 @@ pub enum DatapathError {
     },
     #[error("reading pinned link {}: {source}", path.display())]
     PinnedLink { path: PathBuf, source: LinkError },
+    #[error("counting this machine's possible CPUs: {source}")]
+    Cpus { source: std::io::Error },
 }
 
 /// Sizes of the table maps (`max_entries`).
@@ -135,6 +146,12 @@ pub struct Capacities {
     pub identities: u32,
     pub cidrs: u32,
     pub policy: u32,
+    /// Endpoint rows of the counter array; endpoints numbered beyond share an overflow row.
+    pub counter_endpoints: u32,
+    /// Established flows (`CT_ESTABLISHED_V2`).
+    pub ct_established: u32,
+    /// Unassured and closing flows (`CT_UNASSURED_V2`).
+    pub ct_unassured: u32,
 }
 
 impl Default for Capacities {
@@ -144,7 +161,53 @@ impl Default for Capacities {
             identities: capacity::IDENTITIES,
             cidrs: capacity::CIDRS,
             policy: capacity::POLICY,
+            counter_endpoints: capacity::COUNTER_ENDPOINTS,
+            ct_established: capacity::CT_ESTABLISHED,
+            ct_unassured: capacity::CT_UNASSURED,
         }
+    }
+}
+
+/// A counter of the kernel's: which endpoint, and which verdict for which reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CounterKey {
+    /// The endpoint id, or [`CounterKey::OVERFLOW`].
+    pub endpoint: u32,
+    pub verdict: Verdict,
+    pub reason: Reason,
+}
+
+impl CounterKey {
+    /// The row that endpoints numbered beyond the counter array share.
+    pub const OVERFLOW: u32 = u32::MAX;
+}
+
+/// The connection tracker's tables and what it did, read from the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    pub established_entries: u64,
+    pub unassured_entries: u64,
+    pub inserted_established: u64,
+    pub inserted_unassured: u64,
+    pub removed_established: u64,
+    pub removed_unassured: u64,
+    pub insert_failures: u64,
+}
+
+impl ConntrackStats {
+    /// Entries the LRU pushed out to make room: inserted, not removed, and gone.
+    #[must_use]
+    pub fn evicted_established(&self) -> u64 {
+        self.inserted_established
+            .saturating_sub(self.removed_established)
+            .saturating_sub(self.established_entries)
+    }
+
+    #[must_use]
+    pub fn evicted_unassured(&self) -> u64 {
+        self.inserted_unassured
+            .saturating_sub(self.removed_unassured)
+            .saturating_sub(self.unassured_entries)
     }
 }
 
@@ -165,8 +228,16 @@ pub struct Datapath {
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     settings: Array<MapData, Settings>,
     events: Option<RingBuf<MapData>>,
-    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
-    conntrack: HashMap<MapData, FlowKey, FlowState>,
+    counters: PerCpuArray<MapData, CounterValue>,
+    counter_rows: u32,
+    established_flows: HashMap<MapData, FlowKey, FlowEntry>,
+    ct_stats: PerCpuArray<MapData, u64>,
+    /// The settings last written, with the current policy epoch.
+    settings_value: Settings,
+    /// Endpoint ids whose counter rows may be non-zero.
+    counted_endpoints: std::collections::BTreeSet<u32>,
+    /// Kernel log records (aya-log), when the `egret::kernel` target is enabled.
+    kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
     /// What the kernel holds, read once at open and kept in step with every write.
     held: KernelImage,
 }
@@ -187,6 +258,9 @@ impl Datapath {
                 path: pin_dir.to_owned(),
             });
         }
+        let kernel_log_level = KernelLog::level();
+        // 0 turns every kernel log statement off: one load and a branch each.
+        let aya_log_level: u8 = kernel_log_level.map_or(0, |level| level as u8);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::ENDPOINT, capacities.endpoints)
@@ -194,7 +268,20 @@ impl Datapath {
             .map_max_entries(names::IDENTITY, capacities.identities)
             .map_max_entries(names::CIDR, capacities.cidrs)
             .map_max_entries(names::POLICY, capacities.policy)
+            .map_max_entries(
+                names::COUNTERS,
+                counter_entries(capacities.counter_endpoints),
+            )
+            .map_max_entries(names::CT_ESTABLISHED, capacities.ct_established)
+            .map_max_entries(names::CT_UNASSURED, capacities.ct_unassured)
+            .override_global("COUNTER_ROWS", &capacities.counter_endpoints, true)
+            .override_global(aya_log::LEVEL, &aya_log_level, true)
             .load(OBJECT)?;
+        let kernel_log = kernel_log_level.and_then(|_| {
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog)
+                .inspect_err(|error| warn!(%error, "kernel log records unavailable"))
+                .ok()
+        });
         for tc in TC_PROGRAMS.into_iter().chain([NOOP]) {
             let program = classifier(&mut ebpf, tc)?;
             program.load().map_err(|source| DatapathError::Program {
@@ -224,7 +311,8 @@ impl Datapath {
         let settings = take_map(&mut ebpf, names::SETTINGS)?;
         let events = take_map(&mut ebpf, names::EVENTS)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
-        let conntrack = take_map(&mut ebpf, names::CONNTRACK)?;
+        let established_flows = take_map(&mut ebpf, names::CT_ESTABLISHED)?;
+        let ct_stats = take_map(&mut ebpf, names::CT_STATS)?;
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -236,10 +324,27 @@ impl Datapath {
             settings,
             events: Some(events),
             counters,
-            conntrack,
+            counter_rows: capacities.counter_endpoints,
+            established_flows,
+            ct_stats,
+            settings_value: Settings::DEFAULT,
+            counted_endpoints: std::collections::BTreeSet::new(),
+            kernel_log,
             held: KernelImage::default(),
         };
         datapath.held = datapath.read_held()?;
+        // Go on from the epoch an earlier agent left: any other number would do, but
+        // a fresh one makes every cached verdict be judged once more against our tables.
+        if let Ok(previous) = datapath.settings.get(&0, 0) {
+            datapath.settings_value.policy_epoch = previous.policy_epoch.wrapping_add(1);
+        }
+        datapath.counted_endpoints = datapath
+            .held
+            .endpoints
+            .values()
+            .chain(datapath.held.cgroup_endpoints.values())
+            .map(|endpoint| endpoint.id)
+            .collect();
         info!(
             pin_dir = %pin_dir.display(),
             endpoints = datapath.held.endpoints.len(),
@@ -261,30 +366,39 @@ impl Datapath {
         Ok(image)
     }
 
-    /// Deletes the counters of endpoints not in `live` (their pods are gone), so no
-    /// entry is left behind and their metric series disappear.
+    /// Zeroes the counter rows of endpoints not in `live` (their pods are gone), so
+    /// their metric series disappear and a later endpoint given the number starts at 0.
     ///
     /// # Errors
-    /// When the counters map cannot be read or written.
+    /// When the counters map cannot be written.
     pub fn prune_counters(
         &mut self,
         live: &std::collections::BTreeSet<u32>,
     ) -> Result<usize, DatapathError> {
-        let map_err = |source| DatapathError::Map {
-            map: names::COUNTERS,
-            source,
-        };
-        let stale: Vec<CounterKey> = self
-            .counters
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| {
-                key.endpoint != egret_common::maps::UNKNOWN_ENDPOINT_ID
-                    && !live.contains(&key.endpoint)
-            })
+        let stale: Vec<u32> = self
+            .counted_endpoints
+            .iter()
+            .copied()
+            .filter(|id| *id != egret_common::maps::UNKNOWN_ENDPOINT_ID && !live.contains(id))
             .collect();
-        for key in &stale {
-            remove_ignoring_absent(self.counters.remove(key)).map_err(map_err)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus { source })?;
+        let zero = || {
+            PerCpuValues::try_from(vec![CounterValue::default(); cpus])
+                .map_err(|source| DatapathError::Cpus { source })
+        };
+        for id in &stale {
+            self.counted_endpoints.remove(id);
+            if *id >= self.counter_rows {
+                continue;
+            }
+            for slot in 0..COUNTER_SLOTS {
+                self.counters
+                    .set(id * COUNTER_SLOTS + slot, zero()?, 0)
+                    .map_err(|source| DatapathError::Map {
+                        map: names::COUNTERS,
+                        source,
+                    })?;
+            }
         }
         Ok(stale.len())
     }
@@ -295,29 +409,124 @@ impl Datapath {
     /// # Errors
     /// When the conntrack map refuses an entry.
     pub fn seed_flows(&mut self, flows: &[(FlowKey, u8)]) -> Result<(), DatapathError> {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes the timespec it is given.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
-        // bpf_ktime_get_ns is CLOCK_MONOTONIC in nanoseconds.
-        let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(now.tv_nsec).unwrap_or(0);
+        let now_ns = monotonic_coarse_ns();
         for (key, origin) in flows {
-            let state = FlowState {
-                last_seen_ns: now_ns,
-                origin: *origin,
-                pad: [0; 7],
-            };
-            self.conntrack
-                .insert(key, state, 0)
-                .map_err(|source| DatapathError::Map {
-                    map: names::CONNTRACK,
-                    source,
-                })?;
+            self.write_established_flow(key, *origin, now_ns)?;
         }
+        self.count_written_flows(flows.len())
+    }
+
+    /// Writes a flow the kernel programs did not see open as established: the kernel's
+    /// own conntrack (or an earlier agent's table) vouches for it.
+    fn write_established_flow(
+        &mut self,
+        key: &FlowKey,
+        origin: u8,
+        last_seen_ns: u64,
+    ) -> Result<(), DatapathError> {
+        let entry = FlowEntry {
+            last_seen_ns,
+            policy_epoch: self.settings_value.policy_epoch,
+            origin,
+            state: if key.protocol == proto::TCP {
+                FLOW_STATE_ESTABLISHED
+            } else {
+                FLOW_STATE_ASSURED
+            },
+            fin: 0,
+            pad: 0,
+        };
+        self.established_flows
+            .insert(key, entry, 0)
+            .map_err(|source| DatapathError::Map {
+                map: names::CT_ESTABLISHED,
+                source,
+            })?;
         Ok(())
+    }
+
+    /// Adds flows userspace wrote to their counter, so the kernel's insert counts and
+    /// the entries present still tell how many the LRU evicted.
+    fn count_written_flows(&mut self, written: usize) -> Result<(), DatapathError> {
+        if written == 0 {
+            return Ok(());
+        }
+        let map_err = |source| DatapathError::Map {
+            map: names::CT_STATS,
+            source,
+        };
+        let mut values: Vec<u64> = self
+            .ct_stats
+            .get(&CT_STAT_WRITTEN_BY_AGENT, 0)
+            .map_err(map_err)?
+            .iter()
+            .copied()
+            .collect();
+        if let Some(first) = values.first_mut() {
+            *first += written as u64;
+        }
+        let values =
+            PerCpuValues::try_from(values).map_err(|source| DatapathError::Cpus { source })?;
+        self.ct_stats
+            .set(CT_STAT_WRITTEN_BY_AGENT, values, 0)
+            .map_err(map_err)
+    }
+
+    /// Takes over what an agent of the first map layout left pinned: its tracked flows
+    /// move into the new tables (so replies of connections accepted before the upgrade
+    /// still pass), then its maps are unpinned. Call once the links run the new
+    /// programs, so the old programs no longer write the old table.
+    ///
+    /// # Errors
+    /// When a legacy map cannot be read, or the new table refuses a flow.
+    pub fn retire_legacy_maps(&mut self) -> Result<usize, DatapathError> {
+        let legacy = self.pin_dir.join(names::LEGACY_CONNTRACK);
+        let mut migrated = 0;
+        if legacy.exists() {
+            let map_err = |source| DatapathError::Map {
+                map: names::LEGACY_CONNTRACK,
+                source,
+            };
+            let data = MapData::from_pin(&legacy).map_err(map_err)?;
+            let flows: HashMap<MapData, FlowKey, LegacyFlowState> =
+                HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err)?;
+            let entries: Vec<(FlowKey, LegacyFlowState)> =
+                flows.iter().filter_map(Result::ok).collect();
+            // The old table's clock was bpf_ktime_get_ns, on the same base as ours.
+            for (key, state) in &entries {
+                self.write_established_flow(key, state.origin, state.last_seen_ns)?;
+            }
+            migrated = entries.len();
+            self.count_written_flows(migrated)?;
+        }
+        for name in names::LEGACY {
+            let path = self.pin_dir.join(name);
+            if path.exists() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        if migrated > 0 {
+            info!(
+                flows = migrated,
+                "took over the flows of the first map layout"
+            );
+        }
+        Ok(migrated)
+    }
+
+    /// The connection tracker's entry counts (a walk of both tables' keys) and the
+    /// kernel's insert and remove counts.
+    ///
+    /// # Errors
+    /// When a table cannot be read.
+    pub fn conntrack_stats(&self) -> Result<ConntrackStats, DatapathError> {
+        read_conntrack_stats(&self.pin_dir)
+    }
+
+    /// The kernel's log records (aya-log), when `egret::kernel` is enabled; there is
+    /// one reader, so the first call takes it.
+    pub fn take_kernel_log(&mut self) -> Option<aya_log::EbpfLogger<KernelLog>> {
+        self.kernel_log.take()
     }
 
     /// The flow event stream; there is one reader, so the first call takes it.
@@ -342,13 +551,29 @@ impl Datapath {
 
     /// # Errors
     /// When the settings map cannot be written.
+    /// The policy epoch is the datapath's own: it changes with every apply that
+    /// changes a table, whatever `settings` carries.
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), DatapathError> {
+        self.settings_value = Settings {
+            policy_epoch: self.settings_value.policy_epoch,
+            ..settings
+        };
+        self.write_settings()
+    }
+
+    fn write_settings(&mut self) -> Result<(), DatapathError> {
         self.settings
-            .set(0, settings, 0)
+            .set(0, self.settings_value, 0)
             .map_err(|source| DatapathError::Map {
                 map: names::SETTINGS,
                 source,
             })
+    }
+
+    /// The policy epoch the kernel judges by now.
+    #[must_use]
+    pub fn policy_epoch(&self) -> u32 {
+        self.settings_value.policy_epoch
     }
 
     /// Makes the kernel hold `desired`. New and changed entries go in before anything
@@ -433,9 +658,20 @@ impl Datapath {
             stats.removed += 1;
         }
         if stats != ApplyStats::default() {
+            // Tables changed: flows judged before are judged again on their next packet.
+            self.settings_value.policy_epoch = self.settings_value.policy_epoch.wrapping_add(1);
+            self.write_settings()?;
+            self.counted_endpoints.extend(
+                self.held
+                    .endpoints
+                    .values()
+                    .chain(self.held.cgroup_endpoints.values())
+                    .map(|endpoint| endpoint.id),
+            );
             debug!(
                 written = stats.written,
                 removed = stats.removed,
+                epoch = self.settings_value.policy_epoch,
                 "tables updated"
             );
         }
@@ -709,30 +945,174 @@ fn remove_ignoring_absent(result: Result<(), MapError>) -> Result<(), MapError> 
     }
 }
 
-/// Per-CPU counters summed, read from the pinned map (works while an agent runs).
+/// Per-CPU counters summed, read from the pinned map (works while an agent runs): the
+/// rows of the pinned endpoints, the unknown-endpoint row and the overflow row; zero
+/// counts are left out.
 ///
 /// # Errors
-/// When the map is not pinned under `pin_dir` or cannot be read.
+/// When the maps are not pinned under `pin_dir` or cannot be read.
 pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<CounterKey, CounterValue>, DatapathError> {
     let map_err = |source| DatapathError::Map {
         map: names::COUNTERS,
         source,
     };
     let data = MapData::from_pin(pin_dir.join(names::COUNTERS)).map_err(map_err)?;
-    let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> =
-        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).map_err(map_err)?;
+    let counters: PerCpuArray<MapData, CounterValue> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err)?;
+    let rows = counters.len() / COUNTER_SLOTS - 1;
+    let mut endpoints: std::collections::BTreeSet<u32> = read_endpoints(pin_dir)?
+        .values()
+        .map(|endpoint| endpoint.id)
+        .collect();
+    if let Ok(cgroup) = read_cgroup_endpoints(pin_dir) {
+        endpoints.extend(cgroup.values().map(|endpoint| endpoint.id));
+    }
+    endpoints.insert(egret_common::maps::UNKNOWN_ENDPOINT_ID);
     let mut totals = BTreeMap::new();
-    for item in &counters {
-        let (key, values) = item.map_err(map_err)?;
-        let total = values
-            .iter()
-            .fold(CounterValue::default(), |sum, v| CounterValue {
-                packets: sum.packets + v.packets,
-                bytes: sum.bytes + v.bytes,
-            });
-        totals.insert(key, total);
+    for (endpoint, row) in endpoints
+        .into_iter()
+        .filter(|id| *id < rows)
+        .map(|id| (id, id))
+        .chain([(CounterKey::OVERFLOW, rows)])
+    {
+        for slot in 0..COUNTER_SLOTS {
+            let values = counters
+                .get(&(row * COUNTER_SLOTS + slot), 0)
+                .map_err(map_err)?;
+            let total = values
+                .iter()
+                .fold(CounterValue::default(), |sum, v| CounterValue {
+                    packets: sum.packets + v.packets,
+                    bytes: sum.bytes + v.bytes,
+                });
+            if total.packets == 0 {
+                continue;
+            }
+            if let Some((verdict, reason)) = counter_pair(slot) {
+                totals.insert(
+                    CounterKey {
+                        endpoint,
+                        verdict,
+                        reason,
+                    },
+                    total,
+                );
+            }
+        }
     }
     Ok(totals)
+}
+
+/// The connection tracker's state from the pinned maps.
+///
+/// # Errors
+/// When a table is not pinned under `pin_dir` or cannot be read.
+pub fn read_conntrack_stats(pin_dir: &Path) -> Result<ConntrackStats, DatapathError> {
+    fn keys(pin_dir: &Path, name: &'static str) -> Result<u64, DatapathError> {
+        let map_err = |source| DatapathError::Map { map: name, source };
+        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
+        let flows: HashMap<MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err)?;
+        Ok(flows.keys().filter(Result::is_ok).count() as u64)
+    }
+    let map_err = |source| DatapathError::Map {
+        map: names::CT_STATS,
+        source,
+    };
+    let data = MapData::from_pin(pin_dir.join(names::CT_STATS)).map_err(map_err)?;
+    let stats: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err)?;
+    let stat = |slot: u32| -> Result<u64, DatapathError> {
+        Ok(stats.get(&slot, 0).map_err(map_err)?.iter().sum())
+    };
+    Ok(ConntrackStats {
+        established_entries: keys(pin_dir, names::CT_ESTABLISHED)?,
+        unassured_entries: keys(pin_dir, names::CT_UNASSURED)?,
+        inserted_established: stat(CT_STAT_INSERTED_ESTABLISHED)? + stat(CT_STAT_WRITTEN_BY_AGENT)?,
+        inserted_unassured: stat(CT_STAT_INSERTED_UNASSURED)?,
+        removed_established: stat(CT_STAT_REMOVED_ESTABLISHED)?,
+        removed_unassured: stat(CT_STAT_REMOVED_UNASSURED)?,
+        insert_failures: stat(CT_STAT_INSERT_FAILED)?,
+    })
+}
+
+/// The tracked flows of both tables (for tests and `egret status`), established first.
+///
+/// # Errors
+/// When a table is not pinned under `pin_dir` or cannot be read.
+pub fn read_flows(pin_dir: &Path) -> Result<Vec<(FlowKey, FlowEntry, bool)>, DatapathError> {
+    let mut flows = Vec::new();
+    for (name, established) in [(names::CT_ESTABLISHED, true), (names::CT_UNASSURED, false)] {
+        let map_err = |source| DatapathError::Map { map: name, source };
+        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
+        let table: HashMap<MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err)?;
+        for item in &table {
+            let (key, entry) = item.map_err(map_err)?;
+            flows.push((key, entry, established));
+        }
+    }
+    Ok(flows)
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the kernel programs' clock
+/// (`bpf_ktime_get_coarse_ns`).
+#[must_use]
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// Kernel log records (aya-log) as `tracing` events of target `egret::kernel`.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelLog;
+
+impl KernelLog {
+    /// The most verbose level the subscriber takes for `egret::kernel`, if any: the
+    /// kernel writes nothing more verbose, and nothing at all when it is off.
+    fn level() -> Option<aya_log::Level> {
+        use tracing::Level;
+        [
+            (Level::TRACE, aya_log::Level::Trace),
+            (Level::DEBUG, aya_log::Level::Debug),
+            (Level::INFO, aya_log::Level::Info),
+            (Level::WARN, aya_log::Level::Warn),
+            (Level::ERROR, aya_log::Level::Error),
+        ]
+        .into_iter()
+        .find(|(level, _)| match *level {
+            Level::TRACE => tracing::enabled!(target: "egret::kernel", Level::TRACE),
+            Level::DEBUG => tracing::enabled!(target: "egret::kernel", Level::DEBUG),
+            Level::INFO => tracing::enabled!(target: "egret::kernel", Level::INFO),
+            Level::WARN => tracing::enabled!(target: "egret::kernel", Level::WARN),
+            _ => tracing::enabled!(target: "egret::kernel", Level::ERROR),
+        })
+        .map(|(_, level)| level)
+    }
+}
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "egret::kernel", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "egret::kernel", "{message}"),
+            log::Level::Info => tracing::info!(target: "egret::kernel", "{message}"),
+            log::Level::Debug => tracing::debug!(target: "egret::kernel", "{message}"),
+            log::Level::Trace => tracing::trace!(target: "egret::kernel", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// Pinned endpoints (ifindex -> endpoint), read from the pinned map.
@@ -746,6 +1126,21 @@ pub fn read_endpoints(pin_dir: &Path) -> Result<BTreeMap<u32, Endpoint>, Datapat
     };
     let data = MapData::from_pin(pin_dir.join(names::ENDPOINT)).map_err(map_err)?;
     let endpoints: HashMap<MapData, u32, Endpoint> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
+    endpoints.iter().map(|item| item.map_err(map_err)).collect()
+}
+
+/// Pinned endpoints of `--attach cgroup` (cgroup id -> endpoint).
+///
+/// # Errors
+/// When the map is not pinned under `pin_dir` or cannot be read.
+pub fn read_cgroup_endpoints(pin_dir: &Path) -> Result<BTreeMap<u64, Endpoint>, DatapathError> {
+    let map_err = |source| DatapathError::Map {
+        map: names::ENDPOINT_CGROUP,
+        source,
+    };
+    let data = MapData::from_pin(pin_dir.join(names::ENDPOINT_CGROUP)).map_err(map_err)?;
+    let endpoints: HashMap<MapData, u64, Endpoint> =
         HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
     endpoints.iter().map(|item| item.map_err(map_err)).collect()
 }

@@ -16,7 +16,7 @@ use egret::{
     simulate::Simulator,
     source::manifest,
 };
-use egret_common::{Reason, Verdict};
+use egret_common::{Verdict, maps::Timeouts};
 
 #[derive(Parser)]
 #[command(
@@ -191,6 +191,29 @@ struct RunArgs {
     /// Capacity of the policy map (allow entries, all local pods).
     #[arg(long, default_value_t = Capacities::default().policy)]
     max_policy_entries: u32,
+    /// Endpoint rows of the packet counters; pods numbered beyond share one overflow row.
+    #[arg(long, default_value_t = Capacities::default().counter_endpoints)]
+    max_counted_endpoints: u32,
+    /// Capacity of the established-flow table (TCP after its handshake, other flows
+    /// answered and used again). Unassured flows can never evict these.
+    #[arg(long, default_value_t = Capacities::default().ct_established)]
+    conntrack_established: u32,
+    /// Capacity of the unassured-flow table (handshakes, unanswered datagrams, closing
+    /// connections); an LRU, so a flood only evicts its own kind.
+    #[arg(long, default_value_t = Capacities::default().ct_unassured)]
+    conntrack_unassured: u32,
+    /// Seconds an unassured flow (a handshake, an unanswered datagram) is kept idle.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.unassured)]
+    conntrack_timeout_unassured: u32,
+    /// Seconds an established TCP connection is kept idle.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_established)]
+    conntrack_timeout_tcp_established: u32,
+    /// Seconds an established non-TCP flow (UDP, SCTP, ICMP echo) is kept idle.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.other_established)]
+    conntrack_timeout_other_established: u32,
+    /// Seconds a TCP connection that saw a FIN is kept idle before it is forgotten.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.closing)]
+    conntrack_timeout_closing: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -315,6 +338,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             identities: args.max_identities,
             cidrs: args.max_cidrs,
             policy: args.max_policy_entries,
+            counter_endpoints: args.max_counted_endpoints,
+            ct_established: args.conntrack_established,
+            ct_unassured: args.conntrack_unassured,
+        },
+        conntrack_timeouts: Timeouts {
+            unassured: args.conntrack_timeout_unassured,
+            tcp_established: args.conntrack_timeout_tcp_established,
+            other_established: args.conntrack_timeout_other_established,
+            closing: args.conntrack_timeout_closing,
         },
         resync,
     };
@@ -373,13 +405,12 @@ fn counters(pin_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
             .iter()
             .find(|(_, e)| e.id == key.endpoint)
             .map(|(i, _)| *i);
-        let verdict = match Verdict::from_u8(key.verdict) {
-            Some(Verdict::Allow) => "allow",
-            Some(Verdict::Deny) => "deny",
-            Some(Verdict::AuditDeny) => "audit_deny",
-            None => "unknown",
+        let verdict = match key.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::AuditDeny => "audit_deny",
         };
-        let reason = Reason::from_u8(key.reason).map_or("unknown", Reason::name);
+        let reason = key.reason.name();
         match output {
             Output::Json => writeln!(
                 stdout,

@@ -153,9 +153,10 @@ impl Metrics {
             metrics.table_overflows.clone(),
         );
         registry.register_collector(Box::new(kernel::KernelCounters::new(
-            pin_dir,
+            pin_dir.clone(),
             metrics.endpoint_names.clone(),
         )));
+        registry.register_collector(Box::new(kernel::ConntrackTables::new(pin_dir)));
         Self {
             registry,
             ..metrics

@@ -107,7 +107,7 @@ impl Bench {
         read_counters(&self.pin_dir)
             .unwrap()
             .iter()
-            .filter(|(k, _)| k.verdict == verdict as u8 && k.reason == reason as u8)
+            .filter(|(k, _)| k.verdict == verdict && k.reason == reason)
             .map(|(_, v)| v.packets)
             .sum()
     }
@@ -292,6 +292,7 @@ fn audit_mode_counts_instead_of_dropping() {
     let mut bench = Bench::new(Settings {
         flags: SETTINGS_FLAG_AUDIT_ALL,
         events_per_second: 0,
+        ..Settings::DEFAULT
     });
     assert_eq!(bench.judge(&send(TCP, "8.8.8.8", 443)), PASS);
     assert_eq!(bench.judge(&send(TCP, "10.2.1.1", 80)), PASS);
@@ -316,6 +317,7 @@ fn unknown_interfaces_follow_the_unknown_pod_setting() {
         .set_settings(Settings {
             flags: SETTINGS_FLAG_DENY_UNKNOWN,
             events_per_second: 0,
+            ..Settings::DEFAULT
         })
         .unwrap();
     assert_eq!(
@@ -332,8 +334,8 @@ fn denials_become_rate_limited_flow_events() {
         return;
     }
     let mut bench = Bench::new(Settings {
-        flags: 0,
         events_per_second: 3,
+        ..Settings::DEFAULT
     });
     let mut events = bench.datapath.take_events().expect("one reader");
     let lost = bench.datapath.lost_events().unwrap();
@@ -387,6 +389,7 @@ fn established_flows_are_cut_or_kept_when_policy_changes() {
         let mut bench = Bench::new(Settings {
             flags,
             events_per_second: 0,
+            ..Settings::DEFAULT
         });
         let packet = send(TCP, "10.2.1.1", 80);
         assert_eq!(

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use egret_common::{Reason, Verdict};
+use egret_common::Verdict;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{MetricType, counter::ConstCounter},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
 use super::EndpointNames;
@@ -52,18 +52,19 @@ impl Collector for KernelCounters {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut rows = Vec::new();
         for (key, value) in &counters {
-            let (Some(name), Some(verdict), Some(reason)) = (
-                names.get(&key.endpoint),
-                Verdict::from_u8(key.verdict),
-                Reason::from_u8(key.reason),
-            ) else {
-                continue;
+            let (namespace, pod) = match names.get(&key.endpoint) {
+                Some(name) => (name.pod.namespace.clone(), name.pod.name.clone()),
+                // Endpoints numbered beyond the counter array share one row.
+                None if key.endpoint == datapath::CounterKey::OVERFLOW => {
+                    (String::new(), "(overflow)".to_owned())
+                }
+                None => continue,
             };
             let labels = PacketLabels {
-                namespace: name.pod.namespace.clone(),
-                pod: name.pod.name.clone(),
-                verdict: verdict_name(verdict),
-                reason: reason.name(),
+                namespace,
+                pod,
+                verdict: verdict_name(key.verdict),
+                reason: key.reason.name(),
             };
             rows.push((labels, value.packets, value.bytes));
         }
@@ -85,6 +86,83 @@ impl Collector for KernelCounters {
         for (labels, _, count) in &rows {
             ConstCounter::new(*count).encode(bytes.encode_family(labels)?)?;
         }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    kind: &'static str,
+}
+
+/// The connection tracker's two tables: entries (a walk of their keys at each scrape),
+/// inserts, failed inserts and what the LRU evicted.
+#[derive(Debug)]
+pub(super) struct ConntrackTables {
+    pin_dir: PathBuf,
+}
+
+impl ConntrackTables {
+    pub(super) fn new(pin_dir: PathBuf) -> Self {
+        Self { pin_dir }
+    }
+}
+
+impl Collector for ConntrackTables {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(stats) = datapath::read_conntrack_stats(&self.pin_dir) else {
+            return Ok(());
+        };
+        let established = TableLabels {
+            kind: "established",
+        };
+        let unassured = TableLabels { kind: "unassured" };
+        let mut entries = encoder.encode_descriptor(
+            "conntrack_entries",
+            "Flows in the connection tracker, by table (established: handshake done; \
+             unassured: handshakes, unanswered and closing flows)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, count) in [
+            (&established, stats.established_entries),
+            (&unassured, stats.unassured_entries),
+        ] {
+            ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
+                .encode(entries.encode_family(labels)?)?;
+        }
+        let mut inserts = encoder.encode_descriptor(
+            "conntrack_inserts",
+            "Flows entered into each connection tracker table",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, count) in [
+            (&established, stats.inserted_established),
+            (&unassured, stats.inserted_unassured),
+        ] {
+            ConstCounter::new(count).encode(inserts.encode_family(labels)?)?;
+        }
+        let mut evictions = encoder.encode_descriptor(
+            "conntrack_evictions",
+            "Flows a full connection tracker table pushed out to make room (inserted, \
+             neither removed nor present)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, count) in [
+            (&established, stats.evicted_established()),
+            (&unassured, stats.evicted_unassured()),
+        ] {
+            ConstCounter::new(count).encode(evictions.encode_family(labels)?)?;
+        }
+        let failures = encoder.encode_descriptor(
+            "conntrack_insert_failures",
+            "Flows the kernel could not enter into a connection tracker table",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(stats.insert_failures).encode(failures)?;
         Ok(())
     }
 }

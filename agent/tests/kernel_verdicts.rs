@@ -22,6 +22,9 @@ use egret_testbed::{
     frames::{self, ICMP, SCTP, TCP, UDP},
 };
 
+#[path = "kernel_verdicts/conntrack.rs"]
+mod conntrack;
+
 const PASS: u32 = 0;
 const DROP: u32 = 2;
 /// `BPF_PROG_TEST_RUN` runs programs as if on the loopback device.

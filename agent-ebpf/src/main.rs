@@ -33,8 +33,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: the context pointer is the kernel's sk_buff for this invocation.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let endpoint = maps::endpoint_by_ifindex(ifindex);
-    let Some(ethertype) = packet::ethertype(&ctx.skb) else {
-        return Ok(TC_ACT_OK);
+    // SAFETY: as above.
+    let vlan_present = unsafe { (*ctx.skb.skb).vlan_present } != 0;
+    let ethertype = if vlan_present {
+        // A veth moves the 802.1Q tag out of the frame before TC runs: the ethertype
+        // in the data is the inner one, the tag only shows here.
+        packet::ETH_P_8021Q
+    } else {
+        match packet::ethertype(&ctx.skb) {
+            Some(ethertype) => ethertype,
+            // Shorter than an Ethernet header: the parser calls that malformed.
+            None => 0,
+        }
     };
     let outcome = verdict::judge(&ctx.skb, ETH_HEADER_LEN, ethertype, endpoint);
     Ok(match outcome {

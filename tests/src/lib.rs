@@ -30,6 +30,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod flood;
 pub mod frames;
 mod listener;
 pub mod manifests;

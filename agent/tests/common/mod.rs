@@ -44,6 +44,32 @@ pub fn start_agent_at(
 /// Packets the kernel counted for the endpoint on `ifindex` with `verdict`
 /// (`allow`, `deny`, `audit_deny`), from `egret counters`.
 pub fn counted(agent: &AgentProcess, topology: &Topology, ifindex: u32, verdict: &str) -> u64 {
+    counter_rows(agent, topology)
+        .iter()
+        .filter(|row| row["ifindex"] == ifindex && row["verdict"] == verdict)
+        .map(|row| row["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Like [`counted`], for one `reason` (a `Reason::name()`, such as `vlan`) only.
+pub fn counted_with_reason(
+    agent: &AgentProcess,
+    topology: &Topology,
+    ifindex: u32,
+    verdict: &str,
+    reason: &str,
+) -> u64 {
+    counter_rows(agent, topology)
+        .iter()
+        .filter(|row| {
+            row["ifindex"] == ifindex && row["verdict"] == verdict && row["reason"] == reason
+        })
+        .map(|row| row["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Every row of `egret counters --output json`.
+fn counter_rows(agent: &AgentProcess, topology: &Topology) -> Vec<serde_json::Value> {
     let pin_dir = agent.pin_dir().to_str().unwrap().to_owned();
     let output = agent
         .command(
@@ -62,9 +88,33 @@ pub fn counted(agent: &AgentProcess, topology: &Topology, ifindex: u32, verdict:
         .map(|line| {
             serde_json::from_str::<serde_json::Value>(line).expect("counters print JSON lines")
         })
-        .filter(|row| row["ifindex"] == ifindex && row["verdict"] == verdict)
-        .map(|row| row["packets"].as_u64().unwrap_or(0))
-        .sum()
+        .collect()
+}
+
+/// The agent's /metrics page (default address, inside the node namespace), or `None` while
+/// it does not answer.
+pub fn scrape_metrics(topology: &Topology) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    egret_testbed::run_in_netns(topology.node_netns(), || {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], 9090));
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    })
+}
+
+/// The last `bytes` of the agent's log (its debug log grows long under load).
+pub fn log_tail(agent: &AgentProcess, bytes: usize) -> String {
+    let log = agent.log();
+    let mut start = log.len().saturating_sub(bytes);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    log[start..].to_owned()
 }
 
 /// A policy selecting `app: <app>` in namespace `shop` for egress, with `egress` rules

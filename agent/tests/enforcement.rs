@@ -262,6 +262,184 @@ fn agent_restart_keeps_every_verdict() {
     assert!(denied.is_timed_out(), "{denied}");
 }
 
+/// The kernel programs of the first map layout (`CONNTRACK_V1`, `COUNTERS_V1`, ...), as
+/// an agent of commit 138e6f3 ran them: `tests/data/egret-ebpf-v1.o`, built from that
+/// commit's `agent-ebpf` with `cargo build --target bpfel-unknown-none -Z build-std=core
+/// --release` and stripped of debug info.
+const FIRST_LAYOUT_OBJECT: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/egret-ebpf-v1.o");
+
+/// Leaves `pin_dir` as an agent of the first layout would: its tables written (the
+/// table maps kept their names and layouts), its programs attached to every pod's host
+/// interface through links pinned where agents pin them.
+fn enforce_as_the_first_layout(shop: &Shop, pin_dir: &std::path::Path) {
+    use aya::programs::{
+        LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions,
+    };
+    use egret::{
+        compile::{Ids, Scope, compile},
+        datapath::{Capacities, Datapath, image::KernelImage},
+        source::manifest::Loader,
+    };
+
+    let mut loader = Loader::default();
+    for file in ["cluster.yaml", "policies.yaml"] {
+        let path = shop.manifests.path().join(file);
+        loader.add_text(&path, &std::fs::read_to_string(&path).unwrap());
+    }
+    assert!(loader.problems.is_empty(), "{:?}", loader.problems);
+    let compiled = compile(
+        &loader.snapshot,
+        &Scope::Node("node-1".into()),
+        &Ids::default(),
+    );
+    let pods = [&shop.client, &shop.server, &shop.other];
+    let interfaces = pods
+        .iter()
+        .map(|pod| {
+            (
+                egret::state::ObjectKey::new("shop", pod.name()),
+                pod.host_ifindex(),
+            )
+        })
+        .collect();
+    let image = KernelImage::build(&compiled.tables, &interfaces, &Default::default());
+    // The first layout's programs create and pin their maps; today's datapath then finds
+    // the table maps by name and writes them, as the first agent did.
+    let object = std::fs::read(FIRST_LAYOUT_OBJECT).expect("first-layout object");
+    let interface_names: Vec<String> = pods.iter().map(|p| p.host_interface().to_owned()).collect();
+    let ifindexes: Vec<u32> = pods.iter().map(|p| p.host_ifindex()).collect();
+    let pin_dir = pin_dir.to_owned();
+    egret_testbed::run_in_netns(shop.topology.node_netns(), move || {
+        std::fs::create_dir_all(&pin_dir).unwrap();
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(&object)
+            .expect("first-layout programs load");
+        let mut datapath = Datapath::open(&pin_dir, Capacities::default()).unwrap();
+        datapath.apply(&image).expect("tables written");
+        drop(datapath);
+        std::fs::create_dir_all(pin_dir.join("links")).unwrap();
+        for (program, attach_type, pin_name) in [
+            ("egret_to_pod", TcAttachType::Egress, "to_pod"),
+            ("egret_from_pod", TcAttachType::Ingress, "from_pod"),
+        ] {
+            let program: &mut SchedClassifier =
+                ebpf.program_mut(program).unwrap().try_into().unwrap();
+            program.load().expect("first-layout program verifies");
+            for (name, ifindex) in interface_names.iter().zip(&ifindexes) {
+                let id = program
+                    .attach_with_options(
+                        name,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .expect("tcx attach");
+                let link = FdLink::try_from(program.take_link(id).unwrap()).unwrap();
+                link.pin(
+                    pin_dir
+                        .join("links")
+                        .join(format!("{pin_name}_if{ifindex}")),
+                )
+                .expect("link pinned");
+            }
+        }
+    });
+}
+
+#[test]
+fn agent_upgrade_from_the_first_map_layout_keeps_every_verdict_and_flow() {
+    if !egret_testbed::require_root(
+        "agent_upgrade_from_the_first_map_layout_keeps_every_verdict_and_flow",
+    ) {
+        return;
+    }
+    // The server may send nothing: what it sends on a connection passes only while the
+    // connection is tracked.
+    let policies = [
+        egress_policy("client", "client", CLIENT_TO_SERVER_ONLY, ""),
+        egress_policy("server", "server", "[]", ""),
+    ]
+    .join("---\n");
+    let shop = Arc::new(Shop::new(&policies));
+    let pin_dir = AgentProcess::unique_pin_dir();
+    let _cleanup = PinDirGuard(pin_dir.clone());
+    enforce_as_the_first_layout(&shop, &pin_dir);
+    let denied = shop
+        .client
+        .tcp_connect(shop.other.addr_v4(8080), PROBE_TIMEOUT);
+    assert!(denied.is_timed_out(), "the first layout enforces: {denied}");
+    let server = shop.server.addr_v4(8080);
+    let held = egret_testbed::run_in_netns(shop.client.netns(), || {
+        std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2))
+    })
+    .expect("held connection");
+    assert!(
+        echoes(&held, b"before"),
+        "the held connection echoes under the first layout"
+    );
+
+    let done = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (shop, done) = (Arc::clone(&shop), Arc::clone(&done));
+        thread::spawn(move || probe_stream(&shop, &done))
+    };
+    thread::sleep(Duration::from_millis(500));
+    let agent = start_agent_at(&shop.topology, shop.manifests.path(), &pin_dir, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains("ready") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(800));
+    done.store(true, Ordering::Relaxed);
+    let (probes, wrong) = stream.join().unwrap();
+    assert!(probes >= 10, "only {probes} probes ran");
+    assert!(
+        wrong.is_empty(),
+        "{} of {probes} verdicts were wrong across the upgrade:\n{}\nagent:\n{}",
+        wrong.len(),
+        wrong.join("\n"),
+        agent.log()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("took over the flows of the first map layout"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        echoes(&held, b"after"),
+        "the connection accepted under the first layout still gets its replies:\n{}",
+        agent.log()
+    );
+    for legacy in egret_common::maps::names::LEGACY {
+        assert!(
+            !pin_dir.join(legacy).exists(),
+            "{legacy} is unpinned after the takeover"
+        );
+    }
+}
+
+/// Whether `message` comes back whole on `stream` (an echo server's) within 2 s.
+fn echoes(mut stream: &std::net::TcpStream, message: &[u8]) -> bool {
+    use std::io::{Read as _, Write as _};
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut back = vec![0; message.len()];
+    stream.write_all(message).is_ok() && stream.read_exact(&mut back).is_ok() && back == message
+}
+
+/// Removes a pin directory the test made itself, also when it fails.
+struct PinDirGuard(std::path::PathBuf);
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        let _ = egret::datapath::cleanup(&self.0);
+    }
+}
+
 #[test]
 fn policy_updates_never_drop_an_allowed_flow() {
     if !egret_testbed::require_root("policy_updates_never_drop_an_allowed_flow") {

@@ -292,8 +292,19 @@ fn parse_metrics_addr(value: &str) -> Result<MetricsAddr, String> {
         .map_err(|e| format!("{value:?} is not host:port or `off`: {e}"))
 }
 
+/// The `tracing` target of the kernel programs' log records.
+const KERNEL_LOG_TARGET: &str = "egret::kernel";
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    // The kernel's own diagnostics (aya-log records, target `egret::kernel`) stay off
+    // unless RUST_LOG names them: `egret=debug` alone does not turn them on.
+    let directives = if directives.contains(KERNEL_LOG_TARGET) {
+        directives
+    } else {
+        format!("{directives},{KERNEL_LOG_TARGET}=off")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

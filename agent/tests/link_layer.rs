@@ -393,3 +393,71 @@ fn fragmentation_needed_about_an_allowed_flow_reaches_the_client() {
     );
     drop(stream);
 }
+
+#[test]
+fn kernel_diagnostics_reach_the_log_only_when_asked() {
+    if !egret_testbed::require_root("kernel_diagnostics_reach_the_log_only_when_asked") {
+        return;
+    }
+    let mut site = Site::new(&egress_policy(
+        "client",
+        "client",
+        CLIENT_TO_SERVER_8080,
+        "",
+    ));
+    // An IPv4 ethertype over a header of version 5: the parser gives up on it.
+    let malformed = frames::ethertype_frame(ETH_P_IP, &[0x55; 40]);
+    let send = |site: &Site| {
+        flood::send_frames(site.client.netns(), "eth0", &copies(&malformed)).expect("sent");
+    };
+    send(&site);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while site.denied(&site.client, "malformed") < 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        site.denied(&site.client, "malformed") >= 1,
+        "{}",
+        site.log()
+    );
+    assert!(
+        !site.agent.log().contains(KERNEL_TARGET),
+        "egret=debug alone leaves the kernel's records off:\n{}",
+        site.log()
+    );
+
+    // The same agent with the kernel target named in RUST_LOG.
+    site.agent = AgentProcess::start_logging(
+        &site.topology,
+        std::path::Path::new(common::AGENT),
+        site._manifests.path(),
+        &AgentProcess::unique_pin_dir(),
+        &[],
+        "egret=debug,info,egret::kernel=debug",
+    )
+    .expect("agent starts");
+    site.agent
+        .wait_attached(
+            &[&site.client, &site.server, &site.other].map(Pod::host_ifindex),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let logged = |agent: &AgentProcess| {
+        agent
+            .log()
+            .lines()
+            .any(|line| line.contains(KERNEL_TARGET) && line.contains("malformed"))
+    };
+    while !logged(&site.agent) && std::time::Instant::now() < deadline {
+        send(&site);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        logged(&site.agent),
+        "the parser's record reaches the log under egret::kernel:\n{}",
+        site.log()
+    );
+}
+
+const KERNEL_TARGET: &str = "egret::kernel";

@@ -47,6 +47,28 @@ impl AgentProcess {
         pin_dir: &Path,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_logging(
+            topology,
+            binary,
+            manifests,
+            pin_dir,
+            args,
+            "egret=debug,info",
+        )
+    }
+
+    /// [`AgentProcess::start`] with `log_filter` as the agent's `RUST_LOG`.
+    ///
+    /// # Errors
+    /// When the process cannot be started.
+    pub fn start_logging(
+        topology: &Topology,
+        binary: &Path,
+        manifests: &Path,
+        pin_dir: &Path,
+        args: &[&str],
+        log_filter: &str,
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!(
             "{}.log",
             pin_dir
@@ -67,7 +89,7 @@ impl AgentProcess {
             .args(["--node-name", "node-1", "--bpffs"])
             .arg(pin_dir)
             .args(args)
-            .env("RUST_LOG", "egret=debug,info")
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

@@ -40,7 +40,7 @@ pub enum Reason {
     NotFiltered = 2,
     /// A reply of a connection the endpoint accepted, or a packet of a flow already allowed.
     Conntrack = 3,
-    /// An ICMP or ICMPv6 error (unreachable, packet too big, time exceeded, parameter
+    /// An ICMP or `ICMPv6` error (unreachable, packet too big, time exceeded, parameter
     /// problem) about a flow the connection tracker holds.
     Related = 4,
     /// Isolated, and no rule of any policy selecting the endpoint allows the packet.
@@ -126,19 +126,47 @@ impl Reason {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::{COUNTER_SLOTS, Reason, Verdict, counter_pair, counter_slot};
+
+    #[test]
+    fn counter_slots_are_dense_and_invert() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for verdict in Verdict::ALL {
+            for reason in Reason::ALL {
+                let slot = counter_slot(verdict, reason);
+                assert!(
+                    !seen[slot as usize],
+                    "{verdict:?} {reason:?} shares slot {slot}"
+                );
+                seen[slot as usize] = true;
+                assert_eq!(counter_pair(slot), Some((verdict, reason)));
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+        assert_eq!(counter_pair(COUNTER_SLOTS), None);
+    }
+}
+
+/// Reasons per verdict in a counter row.
+#[expect(clippy::cast_possible_truncation, reason = "13 reasons")]
+const REASONS: u32 = Reason::ALL.len() as u32;
+
 /// Counter slots per endpoint: one per (verdict, reason) pair.
-pub const COUNTER_SLOTS: u32 = Verdict::ALL.len() as u32 * Reason::ALL.len() as u32;
+#[expect(clippy::cast_possible_truncation, reason = "3 verdicts")]
+pub const COUNTER_SLOTS: u32 = Verdict::ALL.len() as u32 * REASONS;
 
 /// The slot of `(verdict, reason)` within an endpoint's row of `COUNTERS_V2`.
 #[must_use]
 pub const fn counter_slot(verdict: Verdict, reason: Reason) -> u32 {
-    verdict as u32 * Reason::ALL.len() as u32 + reason.index()
+    verdict as u32 * REASONS + reason.index()
 }
 
 /// The `(verdict, reason)` pair of a counter slot; the inverse of [`counter_slot`].
 #[must_use]
 pub fn counter_pair(slot: u32) -> Option<(Verdict, Reason)> {
-    let reasons = Reason::ALL.len() as u32;
+    let reasons = REASONS;
     let verdict = Verdict::from_u8(u8::try_from(slot / reasons).ok()?)?;
     let reason = *Reason::ALL.get((slot % reasons) as usize)?;
     Some((verdict, reason))

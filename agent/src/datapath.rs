@@ -1013,7 +1013,7 @@ pub fn read_conntrack_stats(pin_dir: &Path) -> Result<ConntrackStats, DatapathEr
         let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
         let flows: HashMap<MapData, FlowKey, FlowEntry> =
             HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err)?;
-        Ok(flows.keys().filter(Result::is_ok).count() as u64)
+        Ok(flows.keys().flatten().count() as u64)
     }
     let map_err = |source| DatapathError::Map {
         map: names::CT_STATS,

@@ -303,7 +303,11 @@ fn enforce_as_the_first_layout(shop: &Shop, pin_dir: &std::path::Path) {
             )
         })
         .collect();
-    let image = KernelImage::build(&compiled.tables, &interfaces, &Default::default());
+    let image = KernelImage::build(
+        &compiled.tables,
+        &interfaces,
+        &std::collections::BTreeMap::new(),
+    );
     // The first layout's programs create and pin their maps; today's datapath then finds
     // the table maps by name and writes them, as the first agent did.
     let object = std::fs::read(FIRST_LAYOUT_OBJECT).expect("first-layout object");

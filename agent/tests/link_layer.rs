@@ -42,7 +42,7 @@ struct Site {
     server: Pod,
     other: Pod,
     agent: AgentProcess,
-    _manifests: tempfile::TempDir,
+    manifests: tempfile::TempDir,
     _listeners: Vec<Listener>,
 }
 
@@ -93,7 +93,7 @@ impl Site {
             server,
             other,
             agent,
-            _manifests: manifests,
+            manifests,
             _listeners: listeners,
         }
     }
@@ -430,7 +430,7 @@ fn kernel_diagnostics_reach_the_log_only_when_asked() {
     site.agent = AgentProcess::start_logging(
         &site.topology,
         std::path::Path::new(common::AGENT),
-        site._manifests.path(),
+        site.manifests.path(),
         &AgentProcess::unique_pin_dir(),
         &[],
         "egret=debug,info,egret::kernel=debug",

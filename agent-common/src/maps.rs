@@ -18,7 +18,9 @@ pub mod names {
     pub const ENDPOINT_CGROUP: &str = "ENDPOINT_CG_V1";
     pub const IDENTITY: &str = "IDENTITY_V1";
     pub const CIDR: &str = "CIDR_V1";
-    pub const POLICY: &str = "POLICY_V1";
+    /// `(endpoint, identity or class, protocol, port)` -> [`super::PolicyValue`]: what
+    /// each tier decides there.
+    pub const POLICY: &str = "POLICY_V2";
     /// Per-CPU array: one row of [`crate::COUNTER_SLOTS`] counters per endpoint slot.
     pub const COUNTERS: &str = "COUNTERS_V2";
     pub const SETTINGS: &str = "SETTINGS_V2";
@@ -32,11 +34,18 @@ pub mod names {
     /// Per-CPU array of conntrack event counts, indexed by `CT_STAT_*`.
     pub const CT_STATS: &str = "CT_STATS_V2";
     pub const FRAGMENTS: &str = "FRAGMENTS_V2";
-    pub const EVENTS: &str = "EVENTS_V1";
+    pub const EVENTS: &str = "EVENTS_V2";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET_V1";
     pub const EVENTS_LOST: &str = "EVENTS_LOST_V1";
     /// Maps of the first layout that an upgraded agent takes over and then removes.
-    pub const LEGACY: [&str; 4] = ["CONNTRACK_V1", "COUNTERS_V1", "SETTINGS_V1", "FRAGMENTS_V1"];
+    pub const LEGACY: [&str; 6] = [
+        "CONNTRACK_V1",
+        "COUNTERS_V1",
+        "SETTINGS_V1",
+        "FRAGMENTS_V1",
+        "POLICY_V1",
+        "EVENTS_V1",
+    ];
     /// The single-table conntrack of the first layout (a [`super::FlowKey`] ->
     /// [`super::LegacyFlowState`] LRU), migrated into the new tables on upgrade.
     pub const LEGACY_CONNTRACK: &str = "CONNTRACK_V1";
@@ -99,6 +108,12 @@ pub const ENDPOINT_FLAG_ISOLATED_ENFORCED: u32 = 1;
 pub const ENDPOINT_FLAG_ISOLATED_AUDITED: u32 = 1 << 1;
 /// The endpoint's tables did not fit: deny everything it sends.
 pub const ENDPOINT_FLAG_FAIL_CLOSED: u32 = 1 << 2;
+/// A ClusterNetworkPolicy (Admin or Baseline tier) has the endpoint as its subject:
+/// its packets are looked up even when no NetworkPolicy isolates it.
+pub const ENDPOINT_FLAG_TIERED: u32 = 1 << 5;
+/// Flags under which an endpoint's packets are judged, not passed unlooked.
+pub const ENDPOINT_FLAGS_FILTERED: u32 =
+    ENDPOINT_FLAG_ISOLATED_ENFORCED | ENDPOINT_FLAG_ISOLATED_AUDITED | ENDPOINT_FLAG_TIERED;
 pub const ENDPOINT_FLAG_HAS_IPV4: u32 = 1 << 3;
 pub const ENDPOINT_FLAG_HAS_IPV6: u32 = 1 << 4;
 
@@ -131,13 +146,100 @@ pub struct PolicyKey {
     pub pad: u8,
 }
 
-/// What a policy entry allows. An entry's flags already include those of every
-/// shorter entry that covers it: the trie returns only the longest match.
+/// What a policy entry decides, tier by tier. Values [`join`](PolicyValue::join): a
+/// NetworkPolicy allowance is a union, a ClusterNetworkPolicy tier's answer is its
+/// first matching rule (the lowest rank). Because both are joins, an entry can already
+/// hold the join of every shorter entry covering it (the trie returns only the longest
+/// match), and the identity and CIDR lookups of one packet combine by joining too.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyValue {
+    /// `POLICY_ALLOW_*`: NetworkPolicy rules allowing it.
     pub flags: u32,
+    /// The first matching Admin-tier rule ([`tier_rule`]), among enforced policies
+    /// (`[0]`) and among all, staged ones included (`[1]`); [`TIER_RULE_NONE`] if none.
+    pub admin: [u32; 2],
+    /// The same for the Baseline tier.
+    pub baseline: [u32; 2],
 }
+
+const _: () = assert!(size_of::<PolicyValue>() == 20);
+
+impl PolicyValue {
+    /// Nothing allows, no tier rule matches.
+    pub const NONE: PolicyValue = PolicyValue {
+        flags: 0,
+        admin: [TIER_RULE_NONE; 2],
+        baseline: [TIER_RULE_NONE; 2],
+    };
+
+    /// Only NetworkPolicy allowances (`POLICY_ALLOW_*` bits).
+    #[must_use]
+    pub const fn allowing(flags: u32) -> PolicyValue {
+        PolicyValue {
+            flags,
+            ..PolicyValue::NONE
+        }
+    }
+
+    #[inline(always)]
+    pub fn join(&mut self, other: &PolicyValue) {
+        self.flags |= other.flags;
+        self.admin[0] = min(self.admin[0], other.admin[0]);
+        self.admin[1] = min(self.admin[1], other.admin[1]);
+        self.baseline[0] = min(self.baseline[0], other.baseline[0]);
+        self.baseline[1] = min(self.baseline[1], other.baseline[1]);
+    }
+}
+
+impl Default for PolicyValue {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+#[inline(always)]
+const fn min(a: u32, b: u32) -> u32 {
+    if a < b { a } else { b }
+}
+
+/// What a ClusterNetworkPolicy rule does with the traffic it matches.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TierAction {
+    Accept = 0,
+    Deny = 1,
+    /// Skip the rest of the tier: NetworkPolicy (from Admin) decides.
+    Pass = 2,
+}
+
+/// No rule of the tier matches; joins as the identity of `min`.
+pub const TIER_RULE_NONE: u32 = u32::MAX;
+
+/// A tier rule as an entry holds it: its rank (its place in the evaluation order of
+/// every ClusterNetworkPolicy rule: tier, priority, rule order) above its action, so
+/// that the lower of two is the rule evaluated first.
+#[must_use]
+pub const fn tier_rule(rank: u32, action: TierAction) -> u32 {
+    (rank << 2) | action as u32
+}
+
+/// The rank and action of a [`tier_rule`] value; `None` for [`TIER_RULE_NONE`].
+#[must_use]
+pub const fn tier_rule_parts(rule: u32) -> Option<(u32, TierAction)> {
+    if rule == TIER_RULE_NONE {
+        return None;
+    }
+    let action = match rule & 3 {
+        0 => TierAction::Accept,
+        1 => TierAction::Deny,
+        _ => TierAction::Pass,
+    };
+    Some((rule >> 2, action))
+}
+
+/// Highest rank a rule can have (ranks are 30 bits).
+pub const TIER_RANK_MAX: u32 = (1 << 30) - 2;
 
 /// Allowed by a rule of a policy in enforce mode.
 pub const POLICY_ALLOW_ENFORCED: u32 = 1;
@@ -349,7 +451,13 @@ pub struct FlowEvent {
     pub src_port: u16,
     pub dst_port: u16,
     pub bytes: u32,
+    /// The ClusterNetworkPolicy rule that decided ([`tier_rule`]), or
+    /// [`TIER_RULE_NONE`] when NetworkPolicy or the default did.
+    pub rule: u32,
+    pub pad: u32,
 }
+
+const _: () = assert!(size_of::<FlowEvent>() == 64);
 
 /// Per-endpoint event budget for the current one-second window.
 #[repr(C)]

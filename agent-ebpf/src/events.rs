@@ -15,7 +15,7 @@ use crate::packet::Packet;
 const WINDOW_NS: u64 = 1_000_000_000;
 
 #[map]
-static EVENTS_V1: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+static EVENTS_V2: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 #[map]
 static EVENT_BUDGET_V1: LruHashMap<u32, EventBudget> = LruHashMap::pinned(capacity::ENDPOINTS, 0);
@@ -30,6 +30,8 @@ pub struct Report {
     pub verdict: Verdict,
     pub reason: Reason,
     pub bytes: u32,
+    /// The tier rule that decided (`TIER_RULE_NONE`: NetworkPolicy or the default).
+    pub rule: u32,
     /// The packet's one clock reading (`bpf_ktime_get_coarse_ns`).
     pub now: u64,
 }
@@ -42,6 +44,7 @@ pub fn emit(report: &Report, packet: &Packet) {
         verdict,
         reason,
         bytes,
+        rule,
         now,
     } = *report;
     let per_second = crate::maps::settings().events_per_second;
@@ -49,7 +52,7 @@ pub fn emit(report: &Report, packet: &Packet) {
         lost();
         return;
     }
-    let Some(mut entry) = EVENTS_V1.reserve::<FlowEvent>(0) else {
+    let Some(mut entry) = EVENTS_V2.reserve::<FlowEvent>(0) else {
         lost();
         return;
     };
@@ -65,6 +68,8 @@ pub fn emit(report: &Report, packet: &Packet) {
         src_port: packet.src_port,
         dst_port: packet.dst_port,
         bytes,
+        rule,
+        pad: 0,
     });
     entry.submit(0);
 }

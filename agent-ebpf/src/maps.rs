@@ -27,7 +27,7 @@ static IDENTITY_V1: HashMap<IpKey, u32> = HashMap::pinned(capacity::IDENTITIES, 
 static CIDR_V1: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
 
 #[map]
-static POLICY_V1: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+static POLICY_V2: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
 /// Rows of `COUNTER_SLOTS` per endpoint slot; the agent sizes it from its flags.
 #[map]
@@ -90,7 +90,14 @@ pub fn cidr_class(endpoint: u32, addr: &[u8; 16]) -> Option<u32> {
     CIDR_V1.get(&key).copied()
 }
 
-pub fn policy(endpoint: u32, identity: u32, protocol: u8, port: u16, prefix_len: u32) -> u32 {
+/// The entry for `(endpoint, identity or class, protocol, port)`, longest match.
+pub fn policy(
+    endpoint: u32,
+    identity: u32,
+    protocol: u8,
+    port: u16,
+    prefix_len: u32,
+) -> Option<&'static PolicyValue> {
     let key = aya_ebpf::maps::lpm_trie::Key::new(
         prefix_len,
         PolicyKey {
@@ -101,7 +108,7 @@ pub fn policy(endpoint: u32, identity: u32, protocol: u8, port: u16, prefix_len:
             pad: 0,
         },
     );
-    POLICY_V1.get(&key).map_or(0, |value| value.flags)
+    POLICY_V2.get(&key)
 }
 
 /// Counts one packet. Endpoints numbered beyond the array's rows share its last

@@ -3,13 +3,13 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::sk_buff::SkBuff};
 use egret_common::{
-    Reason, Verdict,
+    Decision, Reason, Verdict,
     maps::{
         ENDPOINT_FLAG_FAIL_CLOSED, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
-        ENDPOINT_FLAG_ISOLATED_AUDITED, ENDPOINT_FLAG_ISOLATED_ENFORCED, Endpoint, FlowKey,
-        FragmentVerdict, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_FULL, SETTINGS_FLAG_AUDIT_ALL,
-        SETTINGS_FLAG_DENY_UNKNOWN, SETTINGS_FLAG_EVENTS_ALLOWED, SETTINGS_FLAG_KEEP_ESTABLISHED,
-        Settings, UNKNOWN_ENDPOINT_ID,
+        ENDPOINT_FLAGS_FILTERED, Endpoint, FlowKey, FragmentVerdict, POLICY_PREFIX_ANY_PORT,
+        POLICY_PREFIX_FULL, PolicyValue, SETTINGS_FLAG_AUDIT_ALL, SETTINGS_FLAG_DENY_UNKNOWN,
+        SETTINGS_FLAG_EVENTS_ALLOWED, SETTINGS_FLAG_KEEP_ESTABLISHED, Settings, TIER_RULE_NONE,
+        UNKNOWN_ENDPOINT_ID,
     },
 };
 
@@ -23,6 +23,8 @@ use crate::{
 struct Outcome {
     verdict: Verdict,
     reason: Reason,
+    /// The tier rule that decided, for the flow event.
+    rule: u32,
     opened_flow: bool,
 }
 
@@ -30,6 +32,16 @@ const fn outcome(verdict: Verdict, reason: Reason) -> Outcome {
     Outcome {
         verdict,
         reason,
+        rule: TIER_RULE_NONE,
+        opened_flow: false,
+    }
+}
+
+const fn decided(decision: Decision) -> Outcome {
+    Outcome {
+        verdict: decision.verdict,
+        reason: decision.reason,
+        rule: decision.rule,
         opened_flow: false,
     }
 }
@@ -75,6 +87,7 @@ pub fn judge(skb: &SkBuff, l3: usize, ethertype: u16, endpoint: Option<&Endpoint
                     verdict,
                     reason: result.reason,
                     bytes,
+                    rule: result.rule,
                     now,
                 },
                 &packet,
@@ -95,12 +108,12 @@ fn decide(
     settings: &Settings,
     now: u64,
 ) -> Outcome {
-    let is_isolated =
-        endpoint.flags & (ENDPOINT_FLAG_ISOLATED_ENFORCED | ENDPOINT_FLAG_ISOLATED_AUDITED) != 0;
+    // Isolated by a NetworkPolicy, or the subject of a ClusterNetworkPolicy.
+    let is_filtered = endpoint.flags & ENDPOINT_FLAGS_FILTERED != 0;
     match parsed {
         Parsed::Ip => {}
         Parsed::Arp => return outcome(Verdict::Allow, Reason::NotFiltered),
-        _ if !is_isolated => return outcome(Verdict::Allow, Reason::NotFiltered),
+        _ if !is_filtered => return outcome(Verdict::Allow, Reason::NotFiltered),
         Parsed::Vlan => return outcome(Verdict::Deny, Reason::Vlan),
         Parsed::NotIp => return outcome(Verdict::Deny, Reason::NonIp),
         Parsed::Malformed => return outcome(Verdict::Deny, Reason::Malformed),
@@ -115,20 +128,20 @@ fn decide(
         return outcome(Verdict::Deny, Reason::TableOverflow);
     }
     if packet.fragment == Fragment::Later {
-        return later_fragment(packet, is_isolated);
+        return later_fragment(packet, is_filtered);
     }
     if packet.is_icmp_error && is_related(skb, packet, now, settings) {
         return outcome(Verdict::Allow, Reason::Related);
     }
     let Some(key) = conntrack::key(packet, Direction::Sent) else {
         // Not a flow (an ICMP message that is neither echo nor a known error).
-        return untracked(endpoint, packet, is_isolated);
+        return untracked(endpoint, packet, is_filtered);
     };
     let result = match conntrack::track(&key, packet, Direction::Sent, now, settings) {
-        Some(flow) => tracked(endpoint, packet, &key, &flow, is_isolated, settings),
-        None => new_flow(endpoint, packet, &key, is_isolated, settings, now),
+        Some(flow) => tracked(endpoint, packet, &key, &flow, is_filtered, settings),
+        None => new_flow(endpoint, packet, &key, is_filtered, settings, now),
     };
-    if packet.fragment == Fragment::First && is_isolated && result.verdict != Verdict::Deny {
+    if packet.fragment == Fragment::First && is_filtered && result.verdict != Verdict::Deny {
         remember_fragment(packet, &result);
     }
     result
@@ -143,11 +156,11 @@ fn tracked(
     packet: &Packet,
     key: &FlowKey,
     flow: &conntrack::Tracked,
-    is_isolated: bool,
+    is_filtered: bool,
     settings: &Settings,
 ) -> Outcome {
     if conntrack::is_reply(flow)
-        || !is_isolated
+        || !is_filtered
         || flow.policy_epoch == settings.policy_epoch
         || settings.flags & SETTINGS_FLAG_KEEP_ESTABLISHED != 0
     {
@@ -159,11 +172,11 @@ fn tracked(
 /// The policy changed since the flow was last judged.
 #[inline(never)]
 fn rejudge(endpoint: &Endpoint, packet: &Packet, key: &FlowKey, epoch: u32) -> Outcome {
-    let (verdict, reason) = policy_verdict(endpoint, packet, packet.dst_port);
-    if verdict == Verdict::Deny {
+    let decision = policy_decision(endpoint, packet);
+    if decision.verdict == Verdict::Deny {
         // Cut: the flow is forgotten, so its next packet is judged as new and denied.
         conntrack::forget(key);
-        return outcome(verdict, reason);
+        return decided(decision);
     }
     conntrack::set_epoch(key, epoch);
     outcome(Verdict::Allow, Reason::Conntrack)
@@ -174,38 +187,33 @@ fn new_flow(
     endpoint: &Endpoint,
     packet: &Packet,
     key: &FlowKey,
-    is_isolated: bool,
+    is_filtered: bool,
     settings: &Settings,
     now: u64,
 ) -> Outcome {
-    let (verdict, reason) = if is_isolated {
-        policy_verdict(endpoint, packet, packet.dst_port)
+    let mut result = if is_filtered {
+        decided(policy_decision(endpoint, packet))
     } else {
-        (Verdict::Allow, Reason::NotIsolated)
+        outcome(Verdict::Allow, Reason::NotIsolated)
     };
-    let opened_flow = verdict != Verdict::Deny
+    result.opened_flow = result.verdict != Verdict::Deny
         && conntrack::open(key, packet, Direction::Sent, now, settings.policy_epoch);
-    Outcome {
-        verdict,
-        reason,
-        opened_flow,
-    }
+    result
 }
 
 /// A packet that names no flow: judged on its own every time.
 #[inline(never)]
-fn untracked(endpoint: &Endpoint, packet: &Packet, is_isolated: bool) -> Outcome {
-    if !is_isolated {
+fn untracked(endpoint: &Endpoint, packet: &Packet, is_filtered: bool) -> Outcome {
+    if !is_filtered {
         return outcome(Verdict::Allow, Reason::NotIsolated);
     }
-    let (verdict, reason) = policy_verdict(endpoint, packet, packet.dst_port);
-    outcome(verdict, reason)
+    decided(policy_decision(endpoint, packet))
 }
 
 /// A fragment after the first follows the first fragment's verdict.
 #[inline(never)]
-fn later_fragment(packet: &Packet, is_isolated: bool) -> Outcome {
-    if !is_isolated {
+fn later_fragment(packet: &Packet, is_filtered: bool) -> Outcome {
+    if !is_filtered {
         return outcome(Verdict::Allow, Reason::NotIsolated);
     }
     match maps::fragment_verdict(&packet.fragment_key()) {
@@ -254,21 +262,28 @@ fn is_own_address(endpoint: &Endpoint, packet: &Packet) -> bool {
     }
 }
 
+/// The policy tables' answer: the entries for the destination's identity and for its
+/// CIDR class, joined, then the tier order over the result.
 #[inline(never)]
-fn policy_verdict(endpoint: &Endpoint, packet: &Packet, dst_port: u16) -> (Verdict, Reason) {
+fn policy_decision(endpoint: &Endpoint, packet: &Packet) -> Decision {
     let prefix_len = if packet.has_ports() {
         POLICY_PREFIX_FULL
     } else {
         POLICY_PREFIX_ANY_PORT
     };
-    let mut allowed = 0;
-    if let Some(identity) = maps::identity(&packet.dst) {
-        allowed |= maps::policy(endpoint.id, identity, packet.protocol, dst_port, prefix_len);
+    let (protocol, port) = (packet.protocol, packet.dst_port);
+    let mut found = PolicyValue::NONE;
+    if let Some(identity) = maps::identity(&packet.dst)
+        && let Some(value) = maps::policy(endpoint.id, identity, protocol, port, prefix_len)
+    {
+        found.join(value);
     }
-    if let Some(class) = maps::cidr_class(endpoint.id, &packet.dst) {
-        allowed |= maps::policy(endpoint.id, class, packet.protocol, dst_port, prefix_len);
+    if let Some(class) = maps::cidr_class(endpoint.id, &packet.dst)
+        && let Some(value) = maps::policy(endpoint.id, class, protocol, port, prefix_len)
+    {
+        found.join(value);
     }
-    egret_common::policy_verdict(endpoint.flags, allowed)
+    egret_common::policy_decision(endpoint.flags, &found)
 }
 
 /// A packet reaching the endpoint: moves its flow along, or starts tracking a flow the

@@ -323,6 +323,16 @@ fn enforce_as_the_first_layout(shop: &Shop, pin_dir: &std::path::Path) {
         let mut datapath = Datapath::open(&pin_dir, Capacities::default()).unwrap();
         datapath.apply(&image).expect("tables written");
         drop(datapath);
+        // The policy table changed its value layout since: the first layout's holds
+        // only the NetworkPolicy allow bits.
+        let data = aya::maps::MapData::from_pin(pin_dir.join("POLICY_V1")).unwrap();
+        let mut first_policy: aya::maps::LpmTrie<_, egret_common::maps::PolicyKey, u32> =
+            aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+        for (key, value) in &image.policy {
+            first_policy
+                .insert(&aya::maps::lpm_trie::Key::new(key.0, key.1), value.flags, 0)
+                .unwrap();
+        }
         std::fs::create_dir_all(pin_dir.join("links")).unwrap();
         for (program, attach_type, pin_name) in [
             ("egret_to_pod", TcAttachType::Egress, "to_pod"),

@@ -64,10 +64,13 @@ pub fn decide(
     {
         found.merge(allowance);
     }
-    let (verdict, reason) = egret_common::policy_verdict(endpoint.flags, found.flags);
+    let decision = egret_common::policy_decision(
+        endpoint.flags,
+        &egret_common::maps::PolicyValue::allowing(found.flags),
+    );
     Decision {
-        verdict,
-        reason,
+        verdict: decision.verdict,
+        reason: decision.reason,
         allowed_by: found.rules,
     }
 }

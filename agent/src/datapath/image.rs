@@ -59,12 +59,9 @@ impl KernelImage {
             image.cidrs.insert(cidr_key(*endpoint, *net), *class);
         }
         for (key, allowance) in &tables.policy {
-            image.policy.insert(
-                policy_key(key),
-                PolicyValue {
-                    flags: allowance.flags,
-                },
-            );
+            image
+                .policy
+                .insert(policy_key(key), PolicyValue::allowing(allowance.flags));
         }
         image
     }

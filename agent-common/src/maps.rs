@@ -182,6 +182,7 @@ impl PolicyValue {
         }
     }
 
+    #[expect(clippy::inline_always, reason = "on every policy lookup in the kernel")]
     #[inline(always)]
     pub fn join(&mut self, other: &PolicyValue) {
         self.flags |= other.flags;
@@ -198,6 +199,7 @@ impl Default for PolicyValue {
     }
 }
 
+#[expect(clippy::inline_always, reason = "on every policy lookup in the kernel")]
 #[inline(always)]
 const fn min(a: u32, b: u32) -> u32 {
     if a < b { a } else { b }

@@ -40,6 +40,16 @@ enum Task {
         /// A shorter run (under 3 minutes).
         #[arg(long)]
         quick: bool,
+        /// Run nothing: render BENCHMARKS.md again from the raw results of a run.
+        #[arg(long, conflicts_with = "quick")]
+        report_only: bool,
+        /// With --report-only: the raw results [default: target/bench-results.jsonl].
+        #[arg(long, requires = "report_only")]
+        results: Option<std::path::PathBuf>,
+        /// With --report-only: where to write the report, `-` for standard output
+        /// [default: BENCHMARKS.md].
+        #[arg(long, requires = "report_only")]
+        output: Option<std::path::PathBuf>,
     },
     /// Build the agent's container image from the Dockerfile, with docker, podman or
     /// buildah (whichever works here).
@@ -64,7 +74,13 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test(&cargo_args)
         }
-        Task::Bench { quick } => {
+        Task::Bench {
+            report_only: true,
+            results,
+            output,
+            ..
+        } => bench::report_only(results.as_deref(), output.as_deref()),
+        Task::Bench { quick, .. } => {
             setup::run()?;
             bench::run(quick)
         }

@@ -20,12 +20,13 @@ use super::{
 };
 
 /// What the agent reads, by (API group, resource): nothing else, and only read verbs.
-const WATCHED: [(&str, &str); 5] = [
+const WATCHED: [(&str, &str); 6] = [
     ("", "pods"),
     ("", "namespaces"),
     ("", "services"),
     ("networking.k8s.io", "networkpolicies"),
     ("discovery.k8s.io", "endpointslices"),
+    ("policy.networking.k8s.io", "clusternetworkpolicies"),
 ];
 const READ_VERBS: [&str; 3] = ["get", "list", "watch"];
 

@@ -7,6 +7,10 @@
 //! Process-level ones run here: the agent's memory on generated clusters, and
 //! throughput through a network-namespace node with Egret, iptables + ipset and
 //! nftables.
+//!
+//! The raw results (`target/bench-results.jsonl`) start with a `"bench": "run"` line
+//! describing the run, so `cargo xtask bench --report-only` can render the report
+//! again from them, after a change to the report's code, running nothing.
 
 mod memory;
 mod report;
@@ -39,6 +43,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     } else {
         "cargo xtask bench"
     };
+    let command = command.to_owned();
     // Build everything first, so build time is not benchmark time.
     let agent = build_agent(true)?;
     for bench in BENCHES {
@@ -81,18 +86,22 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
 
-    let raw = workspace_root().join("target").join("bench-results.jsonl");
-    let lines: Vec<String> = results.iter().map(Value::to_string).collect();
-    std::fs::write(&raw, lines.join("\n") + "\n")
-        .with_context(|| format!("writing {}", raw.display()))?;
     let context = report::Context {
         command,
+        date: date(),
         machine: machine(),
         elapsed,
         load_before,
         load_after: load_average(),
         quick,
     };
+    let raw = raw_results();
+    let lines: Vec<String> = std::iter::once(context.to_json())
+        .chain(results.iter().cloned())
+        .map(|line| line.to_string())
+        .collect();
+    std::fs::write(&raw, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", raw.display()))?;
     let markdown = report::render(&context, &results);
     let path = workspace_root().join("BENCHMARKS.md");
     std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
@@ -107,6 +116,46 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         failures.join(", ")
     );
     Ok(())
+}
+
+/// Renders the report again from raw results (by default those of the last run) into
+/// `output` (by default `BENCHMARKS.md`; `-` for standard output), running nothing.
+/// Results without a `run` line (say, one benchmark's JSON lines) render with the
+/// run's details marked unknown.
+pub fn report_only(results: Option<&Path>, output: Option<&Path>) -> anyhow::Result<()> {
+    let raw = results.map_or_else(raw_results, Path::to_path_buf);
+    let text =
+        std::fs::read_to_string(&raw).with_context(|| format!("reading {}", raw.display()))?;
+    let mut results = json_lines(&text)?;
+    let context = results
+        .iter()
+        .position(|r| r["bench"] == "run")
+        .map_or_else(
+            || report::Context::unknown(&raw),
+            |at| report::Context::from_json(&results.remove(at)),
+        );
+    let markdown = report::render(&context, &results);
+    let path = output.map_or_else(|| workspace_root().join("BENCHMARKS.md"), Path::to_path_buf);
+    if path == Path::new("-") {
+        print!("{markdown}");
+    } else {
+        std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("written to {} from {}", path.display(), raw.display());
+    }
+    Ok(())
+}
+
+fn raw_results() -> std::path::PathBuf {
+    workspace_root().join("target").join("bench-results.jsonl")
+}
+
+/// Now, as the report prints it.
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The benchmark binaries of the `egret` package, in the order they run.

@@ -26,7 +26,8 @@ use crate::{
         interfaces::{self, InterfaceError, Resolver},
     },
     observe::{
-        EndpointName, Health, KindLabels, Live, LiveTables, MapLabels, Metrics, StateLabels,
+        EndpointName, Health, KindLabels, Live, LiveTables, MapLabels, Metrics, SourceLabels,
+        StateLabels,
         flows::{AddressOwner, FlowLog, Sink, WINDOW},
         http,
     },
@@ -186,6 +187,7 @@ pub async fn run(
         config.flow_log.clone(),
         metrics.endpoint_names.clone(),
         live.addresses.clone(),
+        live.tier_rules.clone(),
         metrics.denied_flows.clone(),
     );
     if let Some(addr) = config.admin_addr {
@@ -254,16 +256,16 @@ async fn start_sources(
     let pending_sources = match &config.source {
         SourceConfig::Manifests(dir) => {
             let (dir, updates, resync) = (dir.clone(), updates.clone(), config.resync);
-            tokio::spawn(async move {
-                if let Err(error) = source::manifest::watch(dir.clone(), updates, resync).await {
-                    warn!(dir = %dir.display(), %error, "cannot watch the manifest directory");
-                }
-            });
-            BTreeSet::from(["manifests"])
+            tokio::spawn(source::manifest::watch(dir, updates, resync));
+            BTreeSet::from([source::manifest::SOURCE])
         }
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_ref()).await?;
-            tokio::spawn(source::kube::run(client, updates.clone()));
+            tokio::spawn(source::kube::run(
+                client,
+                updates.clone(),
+                source::kube::CRD_RECHECK,
+            ));
             source::kube::KINDS.into_iter().collect()
         }
     };
@@ -481,16 +483,14 @@ impl Reconciler {
     fn absorb(&mut self, update: Update) -> bool {
         match update.apply(&mut self.snapshot) {
             Signal::Changed { received, problems } => {
-                if let Some(problems) = problems
-                    && problems != self.problems
-                {
-                    for problem in &problems {
-                        warn!("{problem}");
-                    }
-                    self.problems = problems;
-                }
+                self.report_problems(problems);
                 self.batch.push(received);
                 true
+            }
+            // Nothing new (a re-read of unchanged files, a pod's status): no reconcile.
+            Signal::Unchanged { problems } => {
+                self.report_problems(problems);
+                false
             }
             Signal::Synced { source } => {
                 self.pending_sources.remove(source);
@@ -505,6 +505,47 @@ impl Reconciler {
                     .inc();
                 false
             }
+            // The snapshot keeps what the source delivered last, and so does the kernel.
+            Signal::Failed { source, problem } => {
+                let labels = SourceLabels {
+                    source: source.to_owned(),
+                };
+                self.metrics.source_failures.get_or_create(&labels).inc();
+                self.metrics.source_stale.get_or_create(&labels).set(1);
+                if self.health.source_failed(source, &problem) {
+                    warn!(source, %problem, "source cannot be read; enforcing its last good snapshot");
+                } else {
+                    tracing::debug!(source, %problem, "source still cannot be read");
+                }
+                false
+            }
+            Signal::Recovered { source } => {
+                let labels = SourceLabels {
+                    source: source.to_owned(),
+                };
+                self.metrics.source_stale.get_or_create(&labels).set(0);
+                if let Some(stale) = self.health.source_recovered(source) {
+                    info!(
+                        source,
+                        since = stale.since,
+                        failures = stale.failures,
+                        "source readable again"
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Logs the problems a source reported when they differ from last time.
+    fn report_problems(&mut self, problems: Option<Vec<String>>) {
+        if let Some(problems) = problems
+            && problems != self.problems
+        {
+            for problem in &problems {
+                warn!("{problem}");
+            }
+            self.problems = problems;
         }
     }
 
@@ -824,9 +865,18 @@ impl Reconciler {
         self.metrics
             .reconcile_duration
             .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .policies
-            .set(i64::try_from(self.snapshot.policies.len()).unwrap_or(i64::MAX));
+        for (kind, count) in [
+            ("NetworkPolicy", self.snapshot.policies.len()),
+            ("ClusterNetworkPolicy", self.snapshot.cluster_policies.len()),
+        ] {
+            let labels = KindLabels {
+                kind: kind.to_owned(),
+            };
+            self.metrics
+                .policies
+                .get_or_create(&labels)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
         let enforced = attachments.len();
         let waiting = compiled.tables.endpoints.len() - enforced;
         for (state, count) in [("enforced", enforced), ("not_attached", waiting)] {

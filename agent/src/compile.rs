@@ -15,8 +15,10 @@ mod ports;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    rc::Rc,
+    sync::Arc,
 };
 
 use egret_common::maps::{
@@ -94,13 +96,26 @@ pub struct PolicyEntryKey {
 pub struct Allowance {
     /// `POLICY_ALLOW_*` bits, including those of every shorter entry covering this one.
     pub flags: u32,
-    pub rules: BTreeSet<RuleRef>,
+    /// Shared: where allow lists of many policies overlap, the classes, their numbers
+    /// and every endpoint's entries hold the same long sets.
+    pub rules: Arc<BTreeSet<RuleRef>>,
 }
 
 impl Allowance {
     fn merge(&mut self, other: &Allowance) {
         self.flags |= other.flags;
-        self.rules.extend(other.rules.iter().cloned());
+        if self.rules.is_empty() {
+            self.rules = Arc::clone(&other.rules);
+        } else if !Arc::ptr_eq(&self.rules, &other.rules) {
+            let missing: Vec<&RuleRef> = other
+                .rules
+                .iter()
+                .filter(|rule| !self.rules.contains(*rule))
+                .collect();
+            if !missing.is_empty() {
+                Arc::make_mut(&mut self.rules).extend(missing.into_iter().cloned());
+            }
+        }
     }
 }
 
@@ -187,10 +202,30 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         .endpoints
         .reassign(local.iter().map(|pod| pod.key()), 1);
 
-    let mut class_grants: BTreeMap<ObjectKey, Vec<(IpNet, Grants)>> = BTreeMap::new();
+    // Everything an endpoint gets follows from the set of policies selecting it, so pods
+    // selected by the same policies (the replicas of a deployment) share one layout.
+    let mut layouts: Vec<Layout> = Vec::new();
+    let mut layout_of: HashMap<Vec<&PolicyRef>, usize> = HashMap::new();
+    let mut endpoint_layouts: Vec<(u32, usize)> = Vec::with_capacity(local.len());
     for pod in &local {
         let endpoint = compiled.ids.endpoints.id(&pod.key());
-        let program = EndpointProgram::build(snapshot, &owners, &identities, pod);
+        let selecting: Vec<&NetworkPolicy> = snapshot
+            .policies
+            .values()
+            .filter(|p| p.isolates_egress && p.selects(*pod))
+            .collect();
+        let key = selecting.iter().map(|p| &p.id).collect();
+        let layout = *layout_of.entry(key).or_insert_with(|| {
+            layouts.push(Layout::build(
+                snapshot,
+                &owners,
+                &identities,
+                &compiled.tables.identities,
+                &selecting,
+            ));
+            layouts.len() - 1
+        });
+        let program = &layouts[layout].program;
         compiled.tables.endpoints.insert(
             pod.key(),
             EndpointEntry {
@@ -204,34 +239,71 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         for (identity, grants) in &program.identity_grants {
             insert_grants(&mut compiled.tables.policy, endpoint, *identity, grants);
         }
-        let mut classes: BTreeMap<IpNet, Grants> =
-            cidr::classes(&program.blocks).into_iter().collect();
-        if program.flags != 0 {
-            // A Service address is judged by its backends alone (as after translation),
-            // so its entry replaces whatever the blocks around it would allow.
-            let services =
-                service_grants(snapshot, &program, &classes, &compiled.tables.identities);
-            classes.extend(services);
-        }
-        class_grants.insert(pod.key(), classes.into_iter().collect());
+        endpoint_layouts.push((endpoint, layout));
     }
 
     // Classes are numbered by content, so an unchanged class keeps its number and a
     // number is never reused for a different meaning within one update.
-    let signatures = class_grants
-        .values()
-        .flatten()
-        .map(|(_, grants)| grants.clone());
-    compiled.ids.classes = previous.classes.reassign(signatures, 1);
-    for (pod, classes) in &class_grants {
-        let endpoint = compiled.ids.endpoints.id(pod);
-        for (net, grants) in classes {
-            let class = CIDR_CLASS_BIT | compiled.ids.classes.id(grants);
-            compiled.tables.cidrs.insert((endpoint, *net), class);
-            insert_grants(&mut compiled.tables.policy, endpoint, class, grants);
+    let signatures: BTreeSet<&Grants> = layouts
+        .iter()
+        .flat_map(|layout| &layout.classes.grants)
+        .collect();
+    compiled.ids.classes = previous
+        .classes
+        .reassign(signatures.into_iter().cloned(), 1);
+    let class_numbers: Vec<Vec<u32>> = layouts
+        .iter()
+        .map(|layout| {
+            layout
+                .classes
+                .grants
+                .iter()
+                .map(|grants| CIDR_CLASS_BIT | compiled.ids.classes.id(grants))
+                .collect()
+        })
+        .collect();
+    for (endpoint, layout) in endpoint_layouts {
+        let classes = &layouts[layout].classes;
+        let numbers = &class_numbers[layout];
+        for (net, grants) in &classes.prefixes {
+            compiled
+                .tables
+                .cidrs
+                .insert((endpoint, *net), numbers[*grants]);
+        }
+        for (grants, class) in classes.grants.iter().zip(numbers) {
+            insert_grants(&mut compiled.tables.policy, endpoint, *class, grants);
         }
     }
     compiled
+}
+
+/// What the endpoints selected by one set of policies get: their rules, and the CIDR
+/// classes those rules and the Service addresses make.
+struct Layout {
+    program: EndpointProgram,
+    classes: cidr::Classes,
+}
+
+impl Layout {
+    /// `addresses`: pod address -> identity, as the identity table holds it.
+    fn build(
+        snapshot: &Snapshot,
+        owners: &BTreeMap<IpAddr, &Pod>,
+        identities: &[(u32, &IdentityKey)],
+        addresses: &BTreeMap<IpAddr, u32>,
+        selecting: &[&NetworkPolicy],
+    ) -> Self {
+        let program = EndpointProgram::build(snapshot, owners, identities, selecting);
+        let mut classes = cidr::classes(&program.blocks);
+        if program.flags != 0 {
+            // A Service address is judged by its backends alone (as after translation),
+            // so its entry replaces whatever the blocks around it would allow.
+            let services = service_grants(snapshot, &program, &classes, addresses);
+            classes.replace(services);
+        }
+        Self { program, classes }
+    }
 }
 
 /// What the endpoint may send to each Service address: a service port is allowed
@@ -239,7 +311,7 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
 fn service_grants(
     snapshot: &Snapshot,
     program: &EndpointProgram,
-    classes: &BTreeMap<IpNet, Grants>,
+    classes: &cidr::Classes,
     identities: &BTreeMap<IpAddr, u32>,
 ) -> BTreeMap<IpNet, Grants> {
     let mut out = BTreeMap::new();
@@ -261,7 +333,7 @@ fn service_grants(
                 let allowance = program.allowance_at(classes, identities, ip, protocol, number);
                 all_enforced &= allowance.flags & POLICY_ALLOW_ENFORCED != 0;
                 all_allowed &= allowance.flags != 0;
-                rules.extend(allowance.rules);
+                rules.extend(allowance.rules.iter().cloned());
             }
             if all_allowed {
                 let flags = if all_enforced {
@@ -271,7 +343,10 @@ fn service_grants(
                 };
                 grants.insert(
                     PortPrefix::port(protocol, port.port),
-                    Allowance { flags, rules },
+                    Allowance {
+                        flags,
+                        rules: Arc::new(rules),
+                    },
                 );
             }
         }
@@ -312,12 +387,13 @@ fn insert_grants(
     }
 }
 
-/// One address range an endpoint's rules allow, with what they allow there.
+/// One address range an endpoint's rules allow, with what they allow there (shared by
+/// the blocks of one rule).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockGrant {
     pub net: IpNet,
     pub except: Vec<IpNet>,
-    pub grants: Grants,
+    pub grants: Rc<Grants>,
 }
 
 /// Everything one local endpoint may send, before it is laid out in tables.
@@ -329,11 +405,13 @@ struct EndpointProgram {
 }
 
 impl EndpointProgram {
+    /// The program of an endpoint that the policies `selecting` (those selecting it for
+    /// egress) isolate.
     fn build(
         snapshot: &Snapshot,
         owners: &BTreeMap<IpAddr, &Pod>,
         identities: &[(u32, &IdentityKey)],
-        pod: &Pod,
+        selecting: &[&NetworkPolicy],
     ) -> Self {
         let mut program = EndpointProgram {
             flags: 0,
@@ -341,11 +419,7 @@ impl EndpointProgram {
             identity_grants: BTreeMap::new(),
             blocks: Vec::new(),
         };
-        let selecting = snapshot
-            .policies
-            .values()
-            .filter(|p| p.isolates_egress && p.selects(pod));
-        for policy in selecting {
+        for policy in selecting.iter().copied() {
             program.isolated_by.insert(policy.id.clone());
             program.flags |= match policy.mode {
                 Mode::Enforce => ENDPOINT_FLAG_ISOLATED_ENFORCED,
@@ -373,17 +447,17 @@ impl EndpointProgram {
         for (index, rule) in policy.egress.iter().enumerate() {
             let allowance = Allowance {
                 flags,
-                rules: BTreeSet::from([RuleRef {
+                rules: Arc::new(BTreeSet::from([RuleRef {
                     policy: policy.id.clone(),
                     rule: index,
-                }]),
+                }])),
             };
             let has_named = rule
                 .ports
                 .iter()
                 .any(|p| matches!(p.port, PortSpec::Named(_)));
             // Addresses that are not pods match no named port.
-            let unnamed = grants_for(&rule.ports, None, &allowance);
+            let unnamed = Rc::new(grants_for(&rule.ports, None, &allowance));
             let named_on = |named_ports: &[NamedPort]| {
                 let named: Vec<PortMatch> = rule
                     .ports
@@ -396,7 +470,7 @@ impl EndpointProgram {
             if rule.to.is_empty() {
                 for net in ["0.0.0.0/0", "::/0"] {
                     let net = net.parse().expect("literal network");
-                    self.add_block(net, Vec::new(), &unnamed);
+                    self.add_shared_block(net, Vec::new(), &unnamed);
                 }
                 if has_named {
                     for (identity, key) in identities {
@@ -407,11 +481,13 @@ impl EndpointProgram {
             for peer in &rule.to {
                 match peer {
                     Peer::Block(block) => {
-                        self.add_block(block.cidr, block.except.clone(), &unnamed);
+                        self.add_shared_block(block.cidr, block.except.clone(), &unnamed);
                         if has_named {
                             // A named port in an ipBlock rule resolves on the pods inside it.
-                            for (ip, owner) in owners.iter().filter(|(ip, _)| block.contains(**ip))
-                            {
+                            let inside = owners
+                                .range(block.cidr.network()..=block.cidr.broadcast())
+                                .filter(|(ip, _)| block.contains(**ip));
+                            for (ip, owner) in inside {
                                 let grants = named_on(&owner.named_ports);
                                 self.add_block(IpNet::from(*ip), Vec::new(), &grants);
                             }
@@ -435,7 +511,7 @@ impl EndpointProgram {
     /// What this endpoint's grants allow for one packet, looked up as the kernel does.
     fn allowance_at(
         &self,
-        classes: &BTreeMap<IpNet, Grants>,
+        classes: &cidr::Classes,
         identities: &BTreeMap<IpAddr, u32>,
         ip: IpAddr,
         protocol: u8,
@@ -445,11 +521,7 @@ impl EndpointProgram {
         let by_identity = identities
             .get(&ip)
             .and_then(|id| self.identity_grants.get(id));
-        let by_class = classes
-            .iter()
-            .filter(|(net, _)| net.contains(&ip))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map(|(_, grants)| grants);
+        let by_class = classes.longest_match(ip);
         for grants in [by_identity, by_class].into_iter().flatten() {
             if let Some(allowance) =
                 lookup::port_candidates(protocol, port).find_map(|p| grants.get(&p))
@@ -469,13 +541,18 @@ impl EndpointProgram {
     }
 
     fn add_block(&mut self, net: IpNet, except: Vec<IpNet>, grants: &Grants) {
+        self.add_shared_block(net, except, &Rc::new(grants.clone()));
+    }
+
+    /// Adds a block whose grants other blocks (of the same rule) share.
+    fn add_shared_block(&mut self, net: IpNet, except: Vec<IpNet>, grants: &Rc<Grants>) {
         if grants.is_empty() {
             return;
         }
         self.blocks.push(BlockGrant {
             net,
             except,
-            grants: grants.clone(),
+            grants: Rc::clone(grants),
         });
     }
 }

@@ -383,7 +383,7 @@ async fn shutdown_signal() {
 }
 
 fn simulate(manifests: &std::path::Path, queries: &std::path::Path) -> anyhow::Result<()> {
-    let loaded = manifest::load_dir(manifests);
+    let loaded = manifest::load_dir(manifests)?;
     for problem in &loaded.problems {
         tracing::warn!("{problem}");
     }
@@ -472,10 +472,20 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
         status["policies"]
     );
     println!(
-        "last reconcile {} ({:.1} ms)\n",
+        "last reconcile {} ({:.1} ms)",
         status["last_reconcile"].as_str().unwrap_or("never"),
         status["last_reconcile_ms"].as_f64().unwrap_or(0.0)
     );
+    let stale: Vec<egret::observe::StaleSource> =
+        serde_json::from_value(status["stale_sources"].clone()).unwrap_or_default();
+    if stale.is_empty() {
+        println!("sources current\n");
+    } else {
+        for source in &stale {
+            println!("STALE {source}");
+        }
+        println!();
+    }
     println!(
         "{:<32} {:<13} {:<26} {:<34} ISOLATED BY",
         "ENDPOINT", "STATE", "ATTACHED TO", "IPS"

@@ -7,6 +7,7 @@ mod kernel;
 
 use std::{
     collections::BTreeMap,
+    fmt,
     path::PathBuf,
     sync::{
         Arc, Mutex, RwLock,
@@ -38,6 +39,11 @@ pub struct StateLabels {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
 /// Local endpoints the kernel counts for, by endpoint id: the labels of their series.
 pub type EndpointNames = Arc<RwLock<BTreeMap<u32, EndpointName>>>;
 
@@ -59,10 +65,13 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub programming_latency: Histogram,
     pub endpoints: Family<StateLabels, Gauge>,
-    pub policies: Gauge,
+    /// By kind: `NetworkPolicy`, `ClusterNetworkPolicy`.
+    pub policies: Family<KindLabels, Gauge>,
     pub map_entries: Family<MapLabels, Gauge>,
     pub map_capacity: Family<MapLabels, Gauge>,
     pub watch_restarts: Family<KindLabels, Counter>,
+    pub source_failures: Family<SourceLabels, Counter>,
+    pub source_stale: Family<SourceLabels, Gauge>,
     pub endpoint_names: EndpointNames,
 }
 
@@ -82,10 +91,12 @@ impl Metrics {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
             endpoints: Family::default(),
-            policies: Gauge::default(),
+            policies: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             watch_restarts: Family::default(),
+            source_failures: Family::default(),
+            source_stale: Family::default(),
             endpoint_names: EndpointNames::default(),
             denied_flows: Family::default(),
             table_overflows: Counter::default(),
@@ -129,7 +140,7 @@ impl Metrics {
         );
         registry.register(
             "policies_loaded",
-            "NetworkPolicies in the snapshot",
+            "Policies in the snapshot, by kind (NetworkPolicy, ClusterNetworkPolicy)",
             metrics.policies.clone(),
         );
         registry.register(
@@ -147,6 +158,7 @@ impl Metrics {
             "Watches restarted after an error",
             metrics.watch_restarts.clone(),
         );
+        metrics.register_source_health(&mut registry);
         registry.register(
             "table_overflows",
             "Times a full policy or CIDR table made pods fail closed",
@@ -163,6 +175,19 @@ impl Metrics {
         }
     }
 
+    fn register_source_health(&self, registry: &mut Registry) {
+        registry.register(
+            "source_failures",
+            "Failed reads of a source (the manifest directory, a watched kind); its last good snapshot stays enforced",
+            self.source_failures.clone(),
+        );
+        registry.register(
+            "source_stale",
+            "1 while a source cannot be read and its last good snapshot is enforced",
+            self.source_stale.clone(),
+        );
+    }
+
     /// The text exposition of every metric.
     #[must_use]
     pub fn encode(&self) -> String {
@@ -174,12 +199,36 @@ impl Metrics {
     }
 }
 
-/// Readiness and liveness of the reconcile loop.
+/// Readiness and liveness of the reconcile loop, and the sources that cannot be read.
 pub struct Health {
     ready: AtomicBool,
     progress: Mutex<Progress>,
     /// The loop must make progress at least this often to count as alive.
     stall_after: Duration,
+    stale: Mutex<BTreeMap<String, StaleSource>>,
+}
+
+/// A source that cannot be read; its last good snapshot is what the kernel enforces.
+/// The admin API's status carries these, and `egret status` prints them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StaleSource {
+    pub source: String,
+    /// The first failure of this run of failures, RFC 3339.
+    pub since: String,
+    /// Failed reads since then.
+    pub failures: u64,
+    /// The latest failure.
+    pub problem: String,
+}
+
+impl fmt::Display for StaleSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "source {} stale since {} ({} failed reads; enforcing its last good snapshot): {}",
+            self.source, self.since, self.failures, self.problem
+        )
+    }
 }
 
 struct Progress {
@@ -197,7 +246,45 @@ impl Health {
                 reconcile_started: None,
             }),
             stall_after,
+            stale: Mutex::default(),
         }
+    }
+
+    /// `source` failed to read; true when it was not stale before.
+    pub fn source_failed(&self, source: &str, problem: &str) -> bool {
+        let mut stale = self
+            .stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = stale.entry(source.to_owned());
+        let first = matches!(entry, std::collections::btree_map::Entry::Vacant(_));
+        let source = entry.or_insert_with(|| StaleSource {
+            source: source.to_owned(),
+            since: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            failures: 0,
+            problem: String::new(),
+        });
+        source.failures += 1;
+        problem.clone_into(&mut source.problem);
+        first
+    }
+
+    /// `source` reads again; what it was while stale, if it was.
+    pub fn source_recovered(&self, source: &str) -> Option<StaleSource> {
+        self.stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(source)
+    }
+
+    #[must_use]
+    pub fn stale_sources(&self) -> Vec<StaleSource> {
+        self.stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The first full sync is in the kernel.
@@ -270,4 +357,5 @@ pub struct LiveTables {
 pub struct Live {
     pub tables: RwLock<Option<Arc<LiveTables>>>,
     pub addresses: flows::AddressBook,
+    pub tier_rules: flows::TierRules,
 }

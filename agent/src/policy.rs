@@ -4,6 +4,7 @@
 //! `networking.k8s.io/v1` objects into these types (validating them), and `compile`
 //! turns them into tables.
 
+pub mod cluster;
 pub mod convert;
 mod selector;
 #[cfg(test)]

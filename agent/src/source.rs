@@ -5,7 +5,7 @@ pub mod kube;
 pub mod manifest;
 pub mod objects;
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use crate::state::Snapshot;
 pub use crate::state::{Object, ObjectId};
@@ -44,6 +44,16 @@ pub enum Update {
     WatchRestarted {
         kind: &'static str,
     },
+    /// `source` could not be read: it delivers nothing until it recovers, and what it
+    /// delivered last stays in the snapshot (and in the kernel). Sent at each failure.
+    Failed {
+        source: &'static str,
+        problem: String,
+    },
+    /// `source` reads again after failing.
+    Recovered {
+        source: &'static str,
+    },
 }
 
 /// What an update means once applied to the snapshot.
@@ -55,23 +65,44 @@ pub enum Signal {
         received: Instant,
         problems: Option<Vec<String>>,
     },
+    /// The update held nothing new (a re-read of unchanged files, an object as it
+    /// already was): no reconcile is due.
+    Unchanged {
+        problems: Option<Vec<String>>,
+    },
     Synced {
         source: &'static str,
     },
     WatchRestarted {
         kind: &'static str,
     },
+    Failed {
+        source: &'static str,
+        problem: String,
+    },
+    Recovered {
+        source: &'static str,
+    },
 }
 
 impl Update {
     /// Applies the update to `snapshot`.
     pub fn apply(self, snapshot: &mut Snapshot) -> Signal {
+        let changed = |received| Signal::Changed {
+            received,
+            problems: None,
+        };
         match self {
             Update::Replace {
                 snapshot: fresh,
                 problems,
                 received,
             } => {
+                if *snapshot == *fresh {
+                    return Signal::Unchanged {
+                        problems: Some(problems),
+                    };
+                }
                 *snapshot = *fresh;
                 Signal::Changed {
                     received,
@@ -83,32 +114,254 @@ impl Update {
                 objects,
                 received,
             } => {
-                snapshot.replace_kind(kind, objects);
-                Signal::Changed {
-                    received,
-                    problems: None,
+                if count_of(snapshot, kind) == Some(objects.len())
+                    && objects.iter().all(|object| holds(snapshot, object))
+                {
+                    return Signal::Unchanged { problems: None };
                 }
+                snapshot.replace_kind(kind, objects);
+                changed(received)
             }
             Update::Apply { object, received } => {
-                snapshot.apply(object);
-                Signal::Changed {
-                    received,
-                    problems: None,
+                if holds(snapshot, &object) {
+                    return Signal::Unchanged { problems: None };
                 }
+                snapshot.apply(object);
+                changed(received)
             }
             Update::Delete { id, received } => {
+                let before = count_of(snapshot, id.kind);
                 snapshot.delete(&id);
-                Signal::Changed {
-                    received,
-                    problems: None,
+                if before.is_some() && count_of(snapshot, id.kind) == before {
+                    return Signal::Unchanged { problems: None };
                 }
+                changed(received)
             }
-            Update::Poke { received } => Signal::Changed {
-                received,
-                problems: None,
-            },
+            Update::Poke { received } => changed(received),
             Update::Synced { source } => Signal::Synced { source },
             Update::WatchRestarted { kind } => Signal::WatchRestarted { kind },
+            Update::Failed { source, problem } => Signal::Failed { source, problem },
+            Update::Recovered { source } => Signal::Recovered { source },
         }
+    }
+}
+
+/// How many objects of `kind` the snapshot holds; `None` for a kind not counted here,
+/// whose updates always count as changes.
+fn count_of(snapshot: &Snapshot, kind: &str) -> Option<usize> {
+    match kind {
+        "Namespace" => Some(snapshot.namespaces.len()),
+        "Pod" => Some(snapshot.pods.len()),
+        "NetworkPolicy" => Some(snapshot.policies.len()),
+        "ClusterNetworkPolicy" => Some(snapshot.cluster_policies.len()),
+        "Service" => Some(snapshot.services.len()),
+        "EndpointSlice" => Some(snapshot.endpoint_slices.len()),
+        _ => None,
+    }
+}
+
+/// The snapshot already holds `object` exactly as given: applying it changes nothing.
+/// (Pod status and other fields the snapshot trims change often; such updates must not
+/// cost a reconcile.) An object of a kind not compared here is never held.
+fn holds(snapshot: &Snapshot, object: &Object) -> bool {
+    fn within<K: Ord, V: PartialEq>(part: &BTreeMap<K, V>, whole: &BTreeMap<K, V>) -> bool {
+        part.iter()
+            .all(|(key, value)| whole.get(key) == Some(value))
+    }
+    // Inserted alone, as the snapshot would insert it (defaults included).
+    let mut alone = Snapshot::default();
+    alone.apply(object.clone());
+    let compared = alone.namespaces.len()
+        + alone.pods.len()
+        + alone.policies.len()
+        + alone.cluster_policies.len()
+        + alone.services.len()
+        + alone.endpoint_slices.len();
+    compared == 1
+        && within(&alone.namespaces, &snapshot.namespaces)
+        && within(&alone.pods, &snapshot.pods)
+        && within(&alone.policies, &snapshot.policies)
+        && within(&alone.cluster_policies, &snapshot.cluster_policies)
+        && within(&alone.services, &snapshot.services)
+        && within(&alone.endpoint_slices, &snapshot.endpoint_slices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mk_pod, mk_policy};
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn updates_that_change_nothing_signal_nothing() {
+        let mut snapshot = Snapshot::default();
+        let pod = mk_pod("shop", "web", &[("app", "web")], &["10.0.0.1"]);
+        let apply = |object: Object| Update::Apply {
+            object,
+            received: now(),
+        };
+        assert!(matches!(
+            apply(Object::Pod(pod.clone())).apply(&mut snapshot),
+            Signal::Changed { .. }
+        ));
+        assert!(matches!(
+            apply(Object::Pod(pod.clone())).apply(&mut snapshot),
+            Signal::Unchanged { .. }
+        ));
+        let relabelled = mk_pod("shop", "web", &[("app", "db")], &["10.0.0.1"]);
+        assert!(matches!(
+            apply(Object::Pod(relabelled)).apply(&mut snapshot),
+            Signal::Changed { .. }
+        ));
+        let namespace = crate::state::Namespace {
+            name: "shop".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            apply(Object::Namespace(namespace.clone())).apply(&mut snapshot),
+            Signal::Changed { .. }
+        ));
+        assert!(
+            matches!(
+                apply(Object::Namespace(namespace)).apply(&mut snapshot),
+                Signal::Unchanged { .. }
+            ),
+            "the name label the snapshot adds is no change"
+        );
+
+        let same = Update::Replace {
+            snapshot: Box::new(snapshot.clone()),
+            problems: vec!["a problem".into()],
+            received: now(),
+        };
+        assert_eq!(
+            same.apply(&mut snapshot),
+            Signal::Unchanged {
+                problems: Some(vec!["a problem".into()])
+            }
+        );
+        let relist = Update::ReplaceKind {
+            kind: "Pod",
+            objects: snapshot.pods.values().cloned().map(Object::Pod).collect(),
+            received: now(),
+        };
+        assert!(matches!(
+            relist.apply(&mut snapshot),
+            Signal::Unchanged { .. }
+        ));
+        let shorter = Update::ReplaceKind {
+            kind: "Pod",
+            objects: Vec::new(),
+            received: now(),
+        };
+        assert!(matches!(
+            shorter.apply(&mut snapshot),
+            Signal::Changed { .. }
+        ));
+
+        let policy = mk_policy(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: shop}\nspec: {podSelector: {}}\n",
+        );
+        let id = ObjectId {
+            kind: "NetworkPolicy",
+            key: crate::state::ObjectKey::new("shop", "p"),
+        };
+        let delete = || Update::Delete {
+            id: id.clone(),
+            received: now(),
+        };
+        assert!(matches!(
+            delete().apply(&mut snapshot),
+            Signal::Unchanged { .. }
+        ));
+        apply(Object::Policy(policy)).apply(&mut snapshot);
+        assert!(matches!(
+            delete().apply(&mut snapshot),
+            Signal::Changed { .. }
+        ));
+    }
+
+    fn mk_cluster_policy(name: &str, priority: u32) -> Object {
+        let object: crate::policy::cluster::convert::ClusterNetworkPolicyObject =
+            serde_yaml_ng::from_str(&format!(
+                "metadata: {{name: {name}}}\nspec: {{tier: Admin, priority: {priority}, subject: {{namespaces: {{}}}}, egress: [{{action: Deny, to: [{{networks: [10.0.0.0/8]}}]}}]}}\n"
+            ))
+            .unwrap();
+        let converted = crate::policy::cluster::convert::cluster_network_policy(&object).unwrap();
+        Object::ClusterPolicy(converted.policy)
+    }
+
+    #[test]
+    fn cluster_policies_are_applied_replaced_and_deleted_by_name() {
+        let mut snapshot = Snapshot::default();
+        let apply = |object: Object, snapshot: &mut Snapshot| {
+            Update::Apply {
+                object,
+                received: now(),
+            }
+            .apply(snapshot)
+        };
+        assert!(matches!(
+            apply(mk_cluster_policy("guard", 10), &mut snapshot),
+            Signal::Changed { .. }
+        ));
+        assert_eq!(snapshot.cluster_policies["guard"].priority, 10);
+        assert!(
+            matches!(
+                apply(mk_cluster_policy("guard", 10), &mut snapshot),
+                Signal::Unchanged { .. }
+            ),
+            "an unchanged ClusterNetworkPolicy costs no reconcile"
+        );
+        assert!(matches!(
+            apply(mk_cluster_policy("guard", 20), &mut snapshot),
+            Signal::Changed { .. }
+        ));
+        assert_eq!(snapshot.cluster_policies["guard"].priority, 20);
+
+        let relist = |objects: Vec<Object>| Update::ReplaceKind {
+            kind: "ClusterNetworkPolicy",
+            objects,
+            received: now(),
+        };
+        assert!(matches!(
+            relist(vec![mk_cluster_policy("guard", 20)]).apply(&mut snapshot),
+            Signal::Unchanged { .. }
+        ));
+        assert!(matches!(
+            relist(vec![
+                mk_cluster_policy("guard", 20),
+                mk_cluster_policy("other", 5)
+            ])
+            .apply(&mut snapshot),
+            Signal::Changed { .. }
+        ));
+
+        let delete = |name: &str| Update::Delete {
+            id: ObjectId {
+                kind: "ClusterNetworkPolicy",
+                key: crate::state::ObjectKey::new("", name),
+            },
+            received: now(),
+        };
+        assert!(matches!(
+            delete("other").apply(&mut snapshot),
+            Signal::Changed { .. }
+        ));
+        assert!(matches!(
+            delete("other").apply(&mut snapshot),
+            Signal::Unchanged { .. }
+        ));
+        assert_eq!(
+            snapshot.cluster_policies.keys().collect::<Vec<_>>(),
+            ["guard"]
+        );
+        assert!(
+            snapshot.policies.is_empty(),
+            "NetworkPolicies are a kind apart"
+        );
     }
 }

@@ -7,7 +7,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::policy::{Labels, NamedPort, NetworkPolicy, PodView, PolicyRef, Protocol};
+use crate::policy::{
+    Labels, NamedPort, NetworkPolicy, PodView, PolicyRef, Protocol, cluster::ClusterNetworkPolicy,
+};
 
 /// The label the API server puts on every namespace (Kubernetes >= 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -169,6 +171,8 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// `ClusterNetworkPolicy` objects by name (cluster-scoped).
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
 }
@@ -198,6 +202,10 @@ impl Snapshot {
 
     pub fn insert_policy(&mut self, policy: NetworkPolicy) {
         self.policies.insert(policy.id.clone(), policy);
+    }
+
+    pub fn insert_cluster_policy(&mut self, policy: ClusterNetworkPolicy) {
+        self.cluster_policies.insert(policy.name.clone(), policy);
     }
 
     pub fn insert_service(&mut self, service: Service) {
@@ -249,11 +257,14 @@ pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Policy(NetworkPolicy),
+    /// A `ClusterNetworkPolicy` (cluster-scoped: its key has an empty namespace).
+    ClusterPolicy(ClusterNetworkPolicy),
     Service(Service),
     EndpointSlice(EndpointSlice),
 }
 
-/// Kind and `namespace/name` (empty namespace for Namespaces).
+/// Kind and `namespace/name` (empty namespace for cluster-scoped kinds: Namespaces,
+/// ClusterNetworkPolicies).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectId {
     pub kind: &'static str,
@@ -266,6 +277,7 @@ impl Snapshot {
             Object::Namespace(namespace) => self.insert_namespace(namespace),
             Object::Pod(pod) => self.insert_pod(pod),
             Object::Policy(policy) => self.insert_policy(policy),
+            Object::ClusterPolicy(policy) => self.insert_cluster_policy(policy),
             Object::Service(service) => self.insert_service(service),
             Object::EndpointSlice(slice) => self.insert_endpoint_slice(slice),
         }
@@ -286,6 +298,9 @@ impl Snapshot {
                     name: key.name.clone(),
                 });
             }
+            "ClusterNetworkPolicy" => {
+                self.cluster_policies.remove(&key.name);
+            }
             "Service" => {
                 self.services.remove(key);
             }
@@ -302,6 +317,7 @@ impl Snapshot {
             "Namespace" => self.namespaces.clear(),
             "Pod" => self.pods.clear(),
             "NetworkPolicy" => self.policies.clear(),
+            "ClusterNetworkPolicy" => self.cluster_policies.clear(),
             "Service" => self.services.clear(),
             "EndpointSlice" => self.endpoint_slices.clear(),
             _ => {}

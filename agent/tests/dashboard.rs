@@ -107,7 +107,7 @@ fn populated_metrics() -> Metrics {
     };
     metrics.endpoints.get_or_create(&state).set(1);
     let map = MapLabels {
-        map: "POLICY_V1".to_owned(),
+        map: "POLICY_V2".to_owned(),
     };
     metrics.map_entries.get_or_create(&map).set(1);
     metrics.map_capacity.get_or_create(&map).set(2);
@@ -115,10 +115,15 @@ fn populated_metrics() -> Metrics {
         kind: "Pod".to_owned(),
     };
     metrics.watch_restarts.get_or_create(&kind).inc();
+    let policy_kind = KindLabels {
+        kind: "ClusterNetworkPolicy".to_owned(),
+    };
+    metrics.policies.get_or_create(&policy_kind).set(1);
     let denied = DeniedFlowLabels {
         namespace: "shop".to_owned(),
         pod: "web".to_owned(),
         policy_set: "shop/default-deny".to_owned(),
+        tier: "networkpolicy",
     };
     metrics.denied_flows.get_or_create(&denied).inc();
     metrics

@@ -186,6 +186,7 @@ fn check_flow_log(
     assert_eq!(denied["destination"]["port"], 8080);
     assert_eq!(denied["protocol"], "TCP");
     assert_eq!(denied["reason"], "no_rule_allows");
+    assert_eq!(denied["tier"], "networkpolicy");
     assert_eq!(
         denied["policies"],
         serde_json::json!(["shop/client-dns-only"])
@@ -274,7 +275,7 @@ fn check_metrics(topology: &Topology, server: &egret_testbed::Pod) {
         "egret_egress_packets_total{namespace=\"shop\",pod=\"client\",verdict=\"deny\",reason=\"no_rule_allows\"}",
         "egret_egress_bytes_total{namespace=\"shop\",pod=\"client\",verdict=\"deny\",reason=\"no_rule_allows\"}",
         "egret_egress_packets_total{namespace=\"shop\",pod=\"staged\",verdict=\"audit_deny\",reason=\"no_rule_allows\"}",
-        "egret_denied_flows_total{namespace=\"shop\",pod=\"client\",policy_set=\"shop/client-dns-only\"}",
+        "egret_denied_flows_total{namespace=\"shop\",pod=\"client\",policy_set=\"shop/client-dns-only\",tier=\"networkpolicy\"}",
         "egret_flow_events_lost_total",
     ] {
         assert!(text.contains(series), "{series} missing:\n{text}");

@@ -161,10 +161,12 @@ fn broken_objects_are_reported_and_the_rest_still_counts() {
         log.contains("garbage.yaml: document 1: YAML does not parse"),
         "{log}"
     );
-    // web-to-db still isolates web; the broken policies (which would select web) are skipped.
+    // The broken policies select web too: their broken rules allow nothing, and they
+    // still isolate it (failing closed), alongside web-to-db.
     assert_eq!(answers[0]["verdict"], "deny");
     assert_eq!(
         answers[0]["policies"],
-        serde_json::json!(["shop/web-to-db"])
+        serde_json::json!(["shop/bad-cidr", "shop/bad-type", "shop/web-to-db"])
     );
+    assert!(log.contains("this rule allows nothing"), "{log}");
 }

@@ -128,8 +128,9 @@ fn manifest_directory_changes_are_enforced_within_a_second() {
         "a renamed file still counts"
     );
 
-    // A broken file is reported and skipped; everything else still counts.
-    write_file(dir.path(), "broken.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: shop}\nspec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: nonsense}}]}]}\n").unwrap();
+    // A broken rule is reported and allows nothing (fail_closed.rs has the rest); an
+    // unparsable file is reported and skipped; everything else still counts.
+    write_file(dir.path(), "broken.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: shop}\nspec: {podSelector: {matchLabels: {app: other}}, egress: [{to: [{ipBlock: {cidr: nonsense}}]}]}\n").unwrap();
     write_file(dir.path(), "garbage.yaml", "kind: [unclosed\n").unwrap();
     assert!(
         within(one_second, || agent.log().contains(
@@ -415,9 +416,10 @@ fn health_readiness_and_metrics() {
     let families = [
         "egret_programming_latency_seconds_bucket",
         "egret_reconcile_runs_total",
-        "egret_map_entries{map=\"POLICY_V1\"}",
-        "egret_map_capacity{map=\"POLICY_V1\"}",
-        "egret_policies_loaded 1",
+        "egret_map_entries{map=\"POLICY_V2\"}",
+        "egret_map_capacity{map=\"POLICY_V2\"}",
+        "egret_policies_loaded{kind=\"NetworkPolicy\"} 1",
+        "egret_policies_loaded{kind=\"ClusterNetworkPolicy\"} 0",
         "egret_endpoints{state=\"enforced\"} 3",
     ];
     for family in families {

@@ -69,6 +69,34 @@ impl AgentProcess {
         args: &[&str],
         log_filter: &str,
     ) -> anyhow::Result<Self> {
+        let source = ("--manifests", manifests);
+        Self::spawn(topology, binary, source, pin_dir, args, log_filter)
+    }
+
+    /// Like [`AgentProcess::start`], reading an API server (`--kubeconfig KUBECONFIG`)
+    /// instead of a manifest directory.
+    ///
+    /// # Errors
+    /// When the process cannot be started.
+    pub fn start_with_kubeconfig(
+        topology: &Topology,
+        binary: &Path,
+        kubeconfig: &Path,
+        pin_dir: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let source = ("--kubeconfig", kubeconfig);
+        Self::spawn(topology, binary, source, pin_dir, args, "egret=debug,info")
+    }
+
+    fn spawn(
+        topology: &Topology,
+        binary: &Path,
+        (source_flag, source): (&str, &Path),
+        pin_dir: &Path,
+        args: &[&str],
+        log_filter: &str,
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!(
             "{}.log",
             pin_dir
@@ -84,8 +112,8 @@ impl AgentProcess {
         let child = topology
             .node_command(binary)
             .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
+            .arg(source_flag)
+            .arg(source)
             .args(["--node-name", "node-1", "--bpffs"])
             .arg(pin_dir)
             .args(args)

@@ -189,6 +189,125 @@ impl GeneratedCluster {
     }
 }
 
+/// A `NetworkPolicy` named `name` in `namespace`, selecting pods by `pod_selector` (YAML,
+/// e.g. `{}`), whose one egress rule (TCP 443) allows `blocks` generated ipBlocks: the
+/// shape of a cloud provider's published allow list. About one in seven is IPv6; ranges
+/// are mostly /20 to /32 with a few /16s and rarer /12s, in sixteen /8s (and /40s of
+/// IPv6) that `seed` picks, so the ranges of one list overlap and nest, and lists of
+/// different seeds overlap in part. One in eight has one or two `except`s;
+/// one in sixteen is written with host bits set. `seed` varies the list,
+/// deterministically.
+#[must_use]
+#[expect(
+    clippy::missing_panics_doc,
+    reason = "only conversions of numbers known to be small"
+)]
+pub fn ip_block_policy_yaml(
+    name: &str,
+    namespace: &str,
+    pod_selector: &str,
+    blocks: usize,
+    seed: u64,
+) -> String {
+    let mut yaml = String::with_capacity(blocks * 64 + 256);
+    let _ = write!(
+        yaml,
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  podSelector: {pod_selector}\n  policyTypes: [Egress]\n  egress:\n    - ports: [{{port: 443}}]\n      to:\n"
+    );
+    let mut random = SplitMix(seed);
+    for i in 0..blocks {
+        let host_bits = i % 16 == 5;
+        let excepts = match i % 8 {
+            3 => 1,
+            7 => 2,
+            _ => 0,
+        };
+        let (cidr, except) = if i % 7 == 6 {
+            // /40 to /128 in sixteen of the /40s of 2600:1f00::/32.
+            let len = [40, 44, 48, 48, 52, 56, 56, 64, 64, 128][random.below(10)];
+            let window = (seed * 5 + random.next() % 16) % 256;
+            let high = 0x2600_1f00_0000_0000_u64 | window << 24 | (random.next() >> 40);
+            let addr = (u128::from(high) << 64) | u128::from(random.next());
+            let net = |len: u32, addr: u128| {
+                let masked = if host_bits {
+                    addr
+                } else {
+                    addr & !(u128::MAX.checked_shr(len).unwrap_or(0))
+                };
+                format!("{}/{len}", std::net::Ipv6Addr::from(masked))
+            };
+            let except = (0..excepts)
+                .filter(|_| len < 128)
+                .map(|_| {
+                    let sub = len + 1 + u32::try_from(random.below(8)).expect("small");
+                    let sub = sub.min(128);
+                    let noise = u128::from(random.next()) << 64 | u128::from(random.next());
+                    let keep = !(u128::MAX.checked_shr(len).unwrap_or(0));
+                    net(sub, (addr & keep) | (noise & !keep))
+                })
+                .collect::<Vec<_>>();
+            (net(len, addr), except)
+        } else {
+            let len = match random.below(4096) {
+                0 => 12,
+                1..16 => 16,
+                16..128 => 18,
+                draw => [
+                    20, 21, 22, 23, 24, 24, 24, 24, 25, 26, 27, 28, 29, 30, 32, 32,
+                ][draw % 16],
+            };
+            let window = seed % 223 * 37 + u64::try_from(random.below(16)).expect("small") * 13;
+            let octet = 1 + u32::try_from(window % 223).expect("below 223");
+            let addr = octet << 24 | (u32::try_from(random.next() >> 40).expect("24 bits"));
+            let net = |len: u32, addr: u32| {
+                let masked = if host_bits {
+                    addr
+                } else {
+                    addr & !(u32::MAX.checked_shr(len).unwrap_or(0))
+                };
+                format!("{}/{len}", Ipv4Addr::from(masked))
+            };
+            let except = (0..excepts)
+                .filter(|_| len < 32)
+                .map(|_| {
+                    let sub = (len + 1 + u32::try_from(random.below(6)).expect("small")).min(32);
+                    let keep = !(u32::MAX.checked_shr(len).unwrap_or(0));
+                    let noise = u32::try_from(random.next() >> 32).expect("32 bits");
+                    net(sub, (addr & keep) | (noise & !keep))
+                })
+                .collect::<Vec<_>>();
+            (net(len, addr), except)
+        };
+        if except.is_empty() {
+            let _ = writeln!(yaml, "        - ipBlock: {{cidr: '{cidr}'}}");
+        } else {
+            let _ = writeln!(
+                yaml,
+                "        - ipBlock: {{cidr: '{cidr}', except: ['{}']}}",
+                except.join("', '")
+            );
+        }
+    }
+    yaml
+}
+
+/// A small, fast, seedable generator (splitmix64), so generated lists need no crate.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % u64::try_from(n).expect("fits")).expect("below n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,7 +71,7 @@ pub fn decide(
     Decision {
         verdict: decision.verdict,
         reason: decision.reason,
-        allowed_by: found.rules,
+        allowed_by: std::sync::Arc::unwrap_or_clone(found.rules),
     }
 }
 

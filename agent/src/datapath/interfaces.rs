@@ -4,7 +4,14 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use futures::TryStreamExt as _;
-use rtnetlink::{Handle, RouteMessageBuilder, packet_route::route::RouteAttribute};
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        RouteNetlinkMessage,
+        link::LinkAttribute,
+        route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType},
+    },
+};
 use thiserror::Error;
 
 use crate::state::ObjectKey;
@@ -162,27 +169,240 @@ fn if_name(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// Reports link and route changes in this network namespace (a pod's veth or route
-/// appearing or going) on `changed`, until the receiver is gone.
+/// Reports, on `changed`, the link and route changes in this network namespace that can
+/// change which interface leads to a pod: a link appearing, going or being renamed, a
+/// route appearing, going or changing its interface or gateway. Everything else the
+/// node says on netlink (link flags and statistics, address and cache updates, the
+/// agent's own attach work) is absorbed, so an idle node causes no reconcile. Runs
+/// until the receiver is gone.
 ///
 /// # Errors
 /// When the netlink socket cannot be opened or joined to the groups.
 pub async fn watch_changes(changed: tokio::sync::mpsc::Sender<()>) -> Result<(), InterfaceError> {
     use futures::StreamExt as _;
-    use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
+    use rtnetlink::{
+        packet_core::NetlinkPayload,
+        sys::{AsyncSocket as _, SocketAddr},
+    };
     // RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE.
     const GROUPS: [u32; 3] = [1, 7, 11];
-    let (mut connection, _handle, mut messages) = rtnetlink::new_connection()?;
+    let (mut connection, handle, mut messages) = rtnetlink::new_connection()?;
     let socket = connection.socket_mut().socket_mut();
     socket.bind(&SocketAddr::new(0, 0))?;
     for group in GROUPS {
         socket.add_membership(group)?;
     }
     tokio::spawn(connection);
-    while messages.next().await.is_some() {
-        if changed.send(()).await.is_err() {
+    // Joined before the dump: a change racing it is seen twice, never missed.
+    let mut view = NodeView::default();
+    view.prime(&handle).await;
+    while let Some((message, _)) = messages.next().await {
+        let NetlinkPayload::InnerMessage(message) = message.payload else {
+            continue;
+        };
+        if view.absorb(&message) && changed.send(()).await.is_err() {
             break;
         }
     }
     Ok(())
+}
+
+/// The node's links (by index) and routes, as far as they decide which interface leads
+/// to a pod address.
+#[derive(Debug, Default)]
+pub struct NodeView {
+    links: BTreeMap<u32, Option<String>>,
+    routes: BTreeMap<RouteKey, RouteTarget>,
+}
+
+/// One route: the same destination may have routes in several tables, or at several
+/// metrics.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RouteKey {
+    table: u32,
+    destination: Option<IpAddr>,
+    prefix_len: u8,
+    tos: u8,
+    priority: Option<u32>,
+}
+
+/// Where a route sends packets: what [`Resolver`] reads from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RouteTarget {
+    oif: Option<u32>,
+    /// A gateway, a `via` or several next hops: not a pod interface.
+    indirect: bool,
+}
+
+impl NodeView {
+    /// Fills the view from a dump of the current links and routes.
+    async fn prime(&mut self, handle: &Handle) {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        let mut links = handle.link().get().execute();
+        while let Ok(Some(link)) = links.try_next().await {
+            self.absorb(&RouteNetlinkMessage::NewLink(link));
+        }
+        let dumps = [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ];
+        for dump in dumps {
+            let mut routes = handle.route().get(dump).execute();
+            while let Ok(Some(route)) = routes.try_next().await {
+                self.absorb(&RouteNetlinkMessage::NewRoute(route));
+            }
+        }
+    }
+
+    /// Takes in one message; true when it changed the view.
+    pub fn absorb(&mut self, message: &RouteNetlinkMessage) -> bool {
+        match message {
+            RouteNetlinkMessage::NewLink(link) => {
+                let name = link
+                    .attributes
+                    .iter()
+                    .find_map(|attribute| match attribute {
+                        LinkAttribute::IfName(name) => Some(name.clone()),
+                        _ => None,
+                    });
+                match self.links.get_mut(&link.header.index) {
+                    // Messages about a known link (flags, carrier, IPv6 link state)
+                    // without a new name change nothing here.
+                    Some(known) if name.is_none() || *known == name => false,
+                    Some(known) => {
+                        *known = name;
+                        true
+                    }
+                    None => {
+                        self.links.insert(link.header.index, name);
+                        true
+                    }
+                }
+            }
+            RouteNetlinkMessage::DelLink(link) => self.links.remove(&link.header.index).is_some(),
+            RouteNetlinkMessage::NewRoute(route) => match route_entry(route) {
+                Some((key, target)) => self.routes.insert(key, target.clone()) != Some(target),
+                None => false,
+            },
+            RouteNetlinkMessage::DelRoute(route) => {
+                route_entry(route).is_some_and(|(key, _)| self.routes.remove(&key).is_some())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The view's entry for a route that can lead to a pod: unicast routes that the kernel
+/// installed or was given, not its cached clones.
+fn route_entry(route: &RouteMessage) -> Option<(RouteKey, RouteTarget)> {
+    let header = &route.header;
+    if header.kind != RouteType::Unicast || header.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
+    let mut key = RouteKey {
+        table: u32::from(header.table),
+        destination: None,
+        prefix_len: header.destination_prefix_length,
+        tos: header.tos,
+        priority: None,
+    };
+    let mut target = RouteTarget {
+        oif: None,
+        indirect: false,
+    };
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Table(table) => key.table = *table,
+            RouteAttribute::Priority(priority) => key.priority = Some(*priority),
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                key.destination = Some(IpAddr::V4(*ip));
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                key.destination = Some(IpAddr::V6(*ip));
+            }
+            RouteAttribute::Oif(index) => target.oif = Some(*index),
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) | RouteAttribute::MultiPath(_) => {
+                target.indirect = true;
+            }
+            _ => {}
+        }
+    }
+    Some((key, target))
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::{link::LinkMessage, route::RouteHeader};
+
+    use super::*;
+
+    fn link(index: u32, name: Option<&str>) -> LinkMessage {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message
+            .attributes
+            .extend(name.map(|n| LinkAttribute::IfName(n.to_owned())));
+        message
+    }
+
+    fn pod_route(ip: [u8; 4], oif: u32) -> RouteMessage {
+        let mut message = RouteMessage::default();
+        message.header.kind = RouteType::Unicast;
+        message.header.table = RouteHeader::RT_TABLE_MAIN;
+        message.header.destination_prefix_length = 32;
+        message.attributes = vec![
+            RouteAttribute::Destination(RouteAddress::Inet(ip.into())),
+            RouteAttribute::Oif(oif),
+        ];
+        message
+    }
+
+    #[test]
+    fn only_links_appearing_going_or_renamed_count() {
+        let mut view = NodeView::default();
+        assert!(view.absorb(&RouteNetlinkMessage::NewLink(link(5, Some("veth5")))));
+        assert!(
+            !view.absorb(&RouteNetlinkMessage::NewLink(link(5, Some("veth5")))),
+            "flags or carrier of a known link"
+        );
+        assert!(
+            !view.absorb(&RouteNetlinkMessage::NewLink(link(5, None))),
+            "IPv6 link state of a known link"
+        );
+        assert!(view.absorb(&RouteNetlinkMessage::NewLink(link(5, Some("pod-a")))));
+        assert!(view.absorb(&RouteNetlinkMessage::DelLink(link(5, None))));
+        assert!(!view.absorb(&RouteNetlinkMessage::DelLink(link(5, None))));
+    }
+
+    #[test]
+    fn only_routes_appearing_going_or_moving_count() {
+        let mut view = NodeView::default();
+        let route = pod_route([10, 0, 0, 1], 5);
+        assert!(view.absorb(&RouteNetlinkMessage::NewRoute(route.clone())));
+        assert!(!view.absorb(&RouteNetlinkMessage::NewRoute(route.clone())));
+        let mut refreshed = route.clone();
+        refreshed.attributes.push(RouteAttribute::Expires(30));
+        assert!(
+            !view.absorb(&RouteNetlinkMessage::NewRoute(refreshed)),
+            "same interface, new lifetime"
+        );
+        assert!(
+            view.absorb(&RouteNetlinkMessage::NewRoute(pod_route([10, 0, 0, 1], 6))),
+            "the pod's route moved to another interface"
+        );
+        let mut via = pod_route([10, 0, 0, 1], 6);
+        via.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(
+                [10, 0, 0, 254].into(),
+            )));
+        assert!(view.absorb(&RouteNetlinkMessage::NewRoute(via)));
+        let mut cloned = pod_route([10, 0, 0, 2], 7);
+        cloned.header.flags = RouteFlags::Cloned;
+        assert!(!view.absorb(&RouteNetlinkMessage::NewRoute(cloned)));
+        let mut local = pod_route([10, 0, 0, 3], 1);
+        local.header.kind = RouteType::Local;
+        assert!(!view.absorb(&RouteNetlinkMessage::NewRoute(local)));
+        assert!(view.absorb(&RouteNetlinkMessage::DelRoute(pod_route([10, 0, 0, 1], 6))));
+        assert!(!view.absorb(&RouteNetlinkMessage::DelRoute(route)));
+    }
 }

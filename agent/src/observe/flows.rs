@@ -11,7 +11,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use egret_common::{Reason, Verdict, maps::FlowEvent, proto};
+use egret_common::{
+    Reason, Verdict,
+    maps::{FlowEvent, tier_rule_parts},
+    proto,
+};
 use prometheus_client::{
     encoding::EncodeLabelSet, metrics::counter::Counter, metrics::family::Family,
 };
@@ -19,7 +23,23 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::{EndpointNames, kernel::verdict_name};
-use crate::state::ObjectKey;
+use crate::{policy::cluster::TierRuleRef, state::ObjectKey};
+
+/// Every `ClusterNetworkPolicy` rule by rank, refreshed by the reconcile loop, so a flow
+/// event's rank names its rule.
+pub type TierRules = Arc<RwLock<Vec<TierRuleRef>>>;
+
+/// The tier that decided a verdict of `reason`: `admin`, `networkpolicy`, `baseline`,
+/// or `none` (not a policy decision: spoofing, fragments, link layer, ...).
+#[must_use]
+pub fn tier_of(reason: Reason) -> &'static str {
+    match reason {
+        Reason::AdminAccept | Reason::AdminDeny => "admin",
+        Reason::PolicyAllows | Reason::NoRuleAllows => "networkpolicy",
+        Reason::BaselineAccept | Reason::BaselineDeny => "baseline",
+        _ => "none",
+    }
+}
 
 /// What an address is, for enriching flows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -56,6 +76,11 @@ pub struct FlowRecord {
     /// Counted, not dropped (audit mode or a staged policy).
     pub audit: bool,
     pub reason: &'static str,
+    /// The tier that decided: `admin`, `networkpolicy`, `baseline` or `none`.
+    pub tier: &'static str,
+    /// The `ClusterNetworkPolicy` rule that decided (`name egress[i] (rule name)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
     pub protocol: String,
     pub source: Endpoint,
     pub destination: Endpoint,
@@ -70,6 +95,8 @@ pub struct DeniedFlowLabels {
     pub namespace: String,
     pub pod: String,
     pub policy_set: String,
+    /// See [`tier_of`].
+    pub tier: &'static str,
 }
 
 /// Where the log goes.
@@ -83,12 +110,14 @@ pub enum Sink {
     },
 }
 
-type FlowKey = (u32, [u8; 16], [u8; 16], u16, u8, u8, u8);
+/// Endpoint, source, destination, port, protocol, verdict, reason, deciding tier rule.
+type FlowKey = (u32, [u8; 16], [u8; 16], u16, u8, u8, u8, u32);
 
 /// Aggregates events and writes records; cheap to clone handles live in [`super::Live`].
 pub struct FlowLog {
     pub names: EndpointNames,
     pub addresses: AddressBook,
+    pub tier_rules: TierRules,
     pub denied_flows: Family<DeniedFlowLabels, Counter>,
     pub recent: broadcast::Sender<FlowRecord>,
     pending: BTreeMap<FlowKey, u64>,
@@ -103,12 +132,14 @@ impl FlowLog {
         sink: Sink,
         names: EndpointNames,
         addresses: AddressBook,
+        tier_rules: TierRules,
         denied_flows: Family<DeniedFlowLabels, Counter>,
     ) -> Self {
         let (recent, _) = broadcast::channel(1024);
         Self {
             names,
             addresses,
+            tier_rules,
             denied_flows,
             recent,
             pending: BTreeMap::new(),
@@ -126,6 +157,7 @@ impl FlowLog {
             event.protocol,
             event.verdict,
             event.reason,
+            event.rule,
         );
         *self.pending.entry(key).or_default() += 1;
     }
@@ -145,20 +177,30 @@ impl FlowLog {
                 .addresses
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tier_rules = self
+                .tier_rules
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             std::mem::take(&mut self.pending)
                 .into_iter()
                 .map(
-                    |((endpoint, src, dst, dst_port, protocol, verdict, reason), count)| {
+                    |((endpoint, src, dst, dst_port, protocol, verdict, reason, rule), count)| {
                         let name = names.get(&endpoint);
                         let verdict = Verdict::from_u8(verdict).unwrap_or(Verdict::Deny);
                         let source_ip = address(src);
                         let destination_ip = address(dst);
                         let owner = addresses.get(&destination_ip);
+                        let reason = Reason::from_u8(reason);
+                        let rule = tier_rule_parts(rule)
+                            .and_then(|(rank, _)| tier_rules.get(rank as usize))
+                            .map(ToString::to_string);
                         FlowRecord {
                             time: time.clone(),
                             verdict: verdict_name(verdict),
                             audit: verdict == Verdict::AuditDeny,
-                            reason: Reason::from_u8(reason).map_or("unknown", Reason::name),
+                            reason: reason.map_or("unknown", Reason::name),
+                            tier: reason.map_or("none", tier_of),
+                            rule,
                             protocol: protocol_name(protocol),
                             source: Endpoint {
                                 namespace: name.map(|n| n.pod.namespace.clone()),
@@ -200,6 +242,7 @@ impl FlowLog {
                     namespace: namespace.clone(),
                     pod: pod.clone(),
                     policy_set: record.policies.join(","),
+                    tier: record.tier,
                 };
                 self.denied_flows.get_or_create(&labels).inc();
                 self.series.insert(labels);

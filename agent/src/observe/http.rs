@@ -1,6 +1,6 @@
 //! The agent's HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
@@ -51,10 +51,16 @@ async fn metrics(State(observed): State<Observed>) -> impl IntoResponse {
 }
 
 async fn healthz(State(observed): State<Observed>) -> impl IntoResponse {
-    match observed.health.stalled() {
-        None => (StatusCode::OK, "ok\n".to_owned()),
-        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")),
+    if let Some(problem) = observed.health.stalled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n"));
     }
+    // A stale source is reported, not failed: enforcement goes on from its last good
+    // snapshot, and restarting the agent would not make the source readable.
+    let mut body = "ok\n".to_owned();
+    for stale in observed.health.stale_sources() {
+        let _ = writeln!(body, "{stale}");
+    }
+    (StatusCode::OK, body)
 }
 
 async fn readyz(State(observed): State<Observed>) -> impl IntoResponse {
@@ -106,9 +112,12 @@ async fn status(State(admin): State<Admin>) -> axum::response::Response {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let Some(live) = live else {
-        return json(
-            &serde_json::json!({"ready": false, "attach_mode": admin.attach_mode, "endpoints": []}),
-        );
+        return json(&serde_json::json!({
+            "ready": false,
+            "attach_mode": admin.attach_mode,
+            "endpoints": [],
+            "stale_sources": admin.health.stale_sources(),
+        }));
     };
     let endpoints: Vec<serde_json::Value> = live
         .tables
@@ -135,6 +144,7 @@ async fn status(State(admin): State<Admin>) -> axum::response::Response {
         "node": live.node,
         "ready": admin.health.is_ready(),
         "healthy": admin.health.stalled().is_none(),
+        "stale_sources": admin.health.stale_sources(),
         "attach_mode": admin.attach_mode,
         "policies": live.policies,
         "endpoints": endpoints,

@@ -12,8 +12,8 @@ use k8s_openapi::{
 use thiserror::Error;
 
 use super::{
-    EgressRule, IpBlock, Mode, NetworkPolicy, Operator, Peer, PodPeer, PolicyRef, PortMatch,
-    PortSpec, Protocol, Requirement, Selector,
+    EgressRule, IpBlock, Labels, Mode, NetworkPolicy, Operator, Peer, PodPeer, PolicyRef,
+    PortMatch, PortSpec, Protocol, Requirement, Selector,
 };
 
 /// Annotation that stages a policy: its denials are counted, not enforced.
@@ -66,6 +66,47 @@ pub enum Problem {
     UnknownPolicyType(String),
     #[error("{0:?} is not a mode (expected enforce or audit)")]
     UnknownMode(String),
+    /// The field does not even have the right shape (read from a manifest file).
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// A field Egret cannot honour as written, and what it enforces instead: never less
+/// than the policy meant.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FailedClosed {
+    #[error("{0}; this rule allows nothing (the policy still isolates the pods it selects)")]
+    Rule(InvalidField),
+    #[error("{0}; the policy is enforced")]
+    Mode(InvalidField),
+}
+
+/// A policy as Egret enforces it, with what it had to enforce differently.
+#[derive(Debug)]
+pub struct Converted {
+    pub policy: NetworkPolicy,
+    pub failed_closed: Vec<FailedClosed>,
+}
+
+/// An egress rule that allows nothing: it stands in for an invalid rule, so the rule's
+/// index (which status and explain report) and the policy's isolation stay.
+#[must_use]
+pub fn rule_allowing_nothing() -> EgressRule {
+    // `In` an empty set: no label value is in it.
+    let nothing = Selector {
+        match_labels: Labels::new(),
+        match_expressions: vec![Requirement {
+            key: "egret.dev/invalid-rule".to_owned(),
+            operator: Operator::In(BTreeSet::new()),
+        }],
+    };
+    EgressRule {
+        to: vec![Peer::Pods(PodPeer {
+            namespaces: Some(nothing.clone()),
+            pods: nothing,
+        })],
+        ports: Vec::new(),
+    }
 }
 
 fn invalid(field: impl Into<String>, problem: Problem) -> InvalidField {
@@ -75,8 +116,9 @@ fn invalid(field: impl Into<String>, problem: Problem) -> InvalidField {
     }
 }
 
-/// Converts one policy. `default_namespace` fills an absent `metadata.namespace`
-/// (manifest files may omit it, as `kubectl apply` allows).
+/// Converts one policy, rejecting every invalid field as the API server would.
+/// `default_namespace` fills an absent `metadata.namespace` (manifest files may omit
+/// it, as `kubectl apply` allows).
 ///
 /// # Errors
 /// The first invalid field found.
@@ -84,6 +126,27 @@ pub fn network_policy(
     policy: &api::NetworkPolicy,
     default_namespace: &str,
 ) -> Result<NetworkPolicy, InvalidField> {
+    let converted = network_policy_failing_closed(policy, default_namespace)?;
+    match converted.failed_closed.into_iter().next() {
+        Some(failed) => Err(match failed {
+            FailedClosed::Rule(invalid) | FailedClosed::Mode(invalid) => invalid,
+        }),
+        None => Ok(converted.policy),
+    }
+}
+
+/// Converts one policy for enforcement. An invalid egress rule becomes a rule that
+/// allows nothing, and an unknown mode is `enforce`: skipping the policy would leave
+/// the pods it was written to restrict unrestricted.
+///
+/// # Errors
+/// When it is unknown which pods the policy isolates: no name, or an invalid
+/// `podSelector` or `policyTypes`.
+pub fn network_policy_failing_closed(
+    policy: &api::NetworkPolicy,
+    default_namespace: &str,
+) -> Result<Converted, InvalidField> {
+    let mut failed_closed = Vec::new();
     let name = policy
         .metadata
         .name
@@ -105,10 +168,11 @@ pub fn network_policy(
             "enforce" => Mode::Enforce,
             "audit" => Mode::Audit,
             other => {
-                return Err(invalid(
+                failed_closed.push(FailedClosed::Mode(invalid(
                     format!("metadata.annotations[{MODE_ANNOTATION}]"),
                     Problem::UnknownMode(other.to_owned()),
-                ));
+                )));
+                Mode::Enforce
             }
         },
     };
@@ -139,14 +203,22 @@ pub fn network_policy(
     let egress = egress_rules
         .iter()
         .enumerate()
-        .map(|(i, rule)| egress_rule(rule, &format!("spec.egress[{i}]")))
-        .collect::<Result<_, _>>()?;
-    Ok(NetworkPolicy {
-        id: PolicyRef { namespace, name },
-        pod_selector,
-        isolates_egress,
-        egress,
-        mode,
+        .map(|(i, rule)| {
+            egress_rule(rule, &format!("spec.egress[{i}]")).unwrap_or_else(|problem| {
+                failed_closed.push(FailedClosed::Rule(problem));
+                rule_allowing_nothing()
+            })
+        })
+        .collect();
+    Ok(Converted {
+        policy: NetworkPolicy {
+            id: PolicyRef { namespace, name },
+            pod_selector,
+            isolates_egress,
+            egress,
+            mode,
+        },
+        failed_closed,
     })
 }
 

@@ -1,11 +1,13 @@
 //! A directory of Kubernetes YAML (or JSON) as a cluster: Namespaces, Pods (with
-//! `status.podIP(s)`), `NetworkPolicies`. Multi-document files and `List`s are fine.
-//! A broken document or object is reported (file, kind, name, field) and skipped;
-//! everything else still counts.
+//! `status.podIP(s)`), `NetworkPolicies`, `ClusterNetworkPolicies`
+//! (`policy.networking.k8s.io/v1alpha2`), Services, `EndpointSlices`. Multi-document
+//! files and `List`s are fine. A broken document or object is reported (file, kind,
+//! name, field) and skipped; everything else still counts.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use k8s_openapi::{
@@ -15,9 +17,16 @@ use k8s_openapi::{
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use thiserror::Error;
+use tracing::warn;
 
 use super::objects::{self, DEFAULT_NAMESPACE};
-use crate::{policy, state::Snapshot};
+use crate::{
+    policy::{
+        self,
+        cluster::convert::{self as cluster, ClusterNetworkPolicyObject, CnpField},
+    },
+    state::Snapshot,
+};
 
 /// What a manifest directory holds, and what was wrong with it.
 #[derive(Debug, Default)]
@@ -72,6 +81,23 @@ pub enum ManifestError {
         location: ObjectLocation,
         source: Box<policy::convert::InvalidField>,
     },
+    #[error("{location}: {source}")]
+    FailedClosed {
+        location: ObjectLocation,
+        source: Box<policy::convert::FailedClosed>,
+    },
+    /// A `ClusterNetworkPolicy` Egret cannot enforce at all: nothing of it is enforced.
+    #[error("{location}: {source}; the policy is skipped")]
+    ClusterPolicySkipped {
+        location: ObjectLocation,
+        source: CnpField,
+    },
+    /// A `ClusterNetworkPolicy` field Egret enforces more strictly than written.
+    #[error("{location}: {source}")]
+    ClusterPolicyFailedClosed {
+        location: ObjectLocation,
+        source: CnpField,
+    },
     #[error("{location}: defined again (first in {}); the first definition is used", first.display())]
     Duplicate {
         location: ObjectLocation,
@@ -80,45 +106,40 @@ pub enum ManifestError {
 }
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir`, in name order.
-#[must_use]
-pub fn load_dir(dir: &Path) -> Manifests {
-    let mut manifests = Manifests::default();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(source) => {
-            manifests.problems.push(ManifestError::ReadDir {
-                dir: dir.to_owned(),
-                source,
-            });
-            return manifests;
-        }
+///
+/// # Errors
+/// When the directory, or one of its files, cannot be read: a partial view would
+/// silently drop the objects that could not be read.
+pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
+    let read_dir_error = |source| ManifestError::ReadDir {
+        dir: dir.to_owned(),
+        source,
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.is_file()
-                && path
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-        })
-        .collect();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
+        let path = entry.map_err(read_dir_error)?.path();
+        let is_manifest = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+        if is_manifest && path.is_file() {
+            files.push(path);
+        }
+    }
     files.sort();
     let mut loader = Loader::default();
     for file in &files {
-        match std::fs::read_to_string(file) {
-            Ok(text) => loader.add_text(file, &text),
-            Err(source) => loader.problems.push(ManifestError::ReadFile {
-                file: file.clone(),
-                source,
-            }),
-        }
+        let text = std::fs::read_to_string(file).map_err(|source| ManifestError::ReadFile {
+            file: file.clone(),
+            source,
+        })?;
+        loader.add_text(file, &text);
     }
-    manifests.snapshot = loader.snapshot;
-    manifests.problems = loader.problems;
-    manifests.files = files;
-    manifests
+    Ok(Manifests {
+        snapshot: loader.snapshot,
+        problems: loader.problems,
+        files,
+    })
 }
 
 /// Builds a snapshot from manifest texts; `add_text` may be called per file.
@@ -165,7 +186,7 @@ impl Loader {
         let location = locate(file, &kind, &value);
         let namespaced_name = location.name.clone();
         match kind.as_str() {
-            "Namespace" | "Pod" | "NetworkPolicy" | "Service" | "EndpointSlice" => {
+            "Namespace" | "Pod" | "NetworkPolicy" | "Service" | "EndpointSlice" | cluster::KIND => {
                 if let Some(first) = self.seen.get(&(kind.clone(), namespaced_name.clone())) {
                     self.problems.push(ManifestError::Duplicate {
                         location,
@@ -180,39 +201,195 @@ impl Loader {
             _ => return,
         }
         let result = match kind.as_str() {
-            "Namespace" => typed::<core::Namespace>(&location, value)
+            "Namespace" => typed::<core::Namespace>(&location, &value)
                 .map(|ns| self.snapshot.insert_namespace(objects::namespace(&ns))),
-            "Pod" => typed::<core::Pod>(&location, value)
+            "Pod" => typed::<core::Pod>(&location, &value)
                 .and_then(|pod| objects::pod(&pod).map_err(|e| malformed(&location, e)))
                 .map(|pod| self.snapshot.insert_pod(pod)),
-            "Service" => typed::<core::Service>(&location, value)
+            "Service" => typed::<core::Service>(&location, &value)
                 .and_then(|service| objects::service(&service).map_err(|e| malformed(&location, e)))
                 .map(|service| self.snapshot.insert_service(service)),
-            "EndpointSlice" => typed::<discovery::EndpointSlice>(&location, value)
+            "EndpointSlice" => typed::<discovery::EndpointSlice>(&location, &value)
                 .and_then(|slice| {
                     objects::endpoint_slice(&slice).map_err(|e| malformed(&location, e))
                 })
                 .map(|slice| self.snapshot.insert_endpoint_slice(slice)),
-            _ => typed::<networking::NetworkPolicy>(&location, value).and_then(|policy| {
-                policy::convert::network_policy(&policy, DEFAULT_NAMESPACE)
-                    .map(|policy| self.snapshot.insert_policy(policy))
-                    .map_err(|source| ManifestError::Invalid {
-                        location: location.clone(),
-                        source: Box::new(source),
-                    })
-            }),
+            cluster::KIND => self.add_cluster_policy(&location, value),
+            _ => self.add_policy(&location, value),
         };
         if let Err(problem) = result {
             self.problems.push(problem);
         }
     }
+
+    /// Adds a policy, failing closed on invalid rules: a rule that cannot be read, even
+    /// one of the wrong shape, allows nothing, and the policy still isolates its pods.
+    fn add_policy(
+        &mut self,
+        location: &ObjectLocation,
+        mut value: Value,
+    ) -> Result<(), ManifestError> {
+        use policy::convert::{FailedClosed, InvalidField, Problem};
+        let mut failed_closed = Vec::new();
+        let mut malformed_rules = Vec::new();
+        let policy = loop {
+            match typed::<networking::NetworkPolicy>(location, &value) {
+                Ok(policy) => break policy,
+                Err(ManifestError::Malformed { field, message, .. })
+                    if let Some(rule) = egress_rule_index(&field)
+                        && !malformed_rules.contains(&rule) =>
+                {
+                    // Read the rest with an empty rule in its place; it is replaced below.
+                    let slot = value
+                        .get_mut("spec")
+                        .and_then(|spec| spec.get_mut("egress"))
+                        .and_then(|egress| egress.get_mut(rule));
+                    let Some(slot) = slot else {
+                        return Err(ManifestError::Malformed {
+                            location: location.clone(),
+                            field,
+                            message,
+                        });
+                    };
+                    *slot = Value::Mapping(serde_yaml_ng::Mapping::new());
+                    malformed_rules.push(rule);
+                    failed_closed.push(FailedClosed::Rule(InvalidField {
+                        field,
+                        problem: Problem::Malformed(message),
+                    }));
+                }
+                Err(other) => return Err(other),
+            }
+        };
+        let mut converted =
+            policy::convert::network_policy_failing_closed(&policy, DEFAULT_NAMESPACE).map_err(
+                |source| ManifestError::Invalid {
+                    location: location.clone(),
+                    source: Box::new(source),
+                },
+            )?;
+        for rule in malformed_rules {
+            converted.policy.egress[rule] = policy::convert::rule_allowing_nothing();
+        }
+        failed_closed.append(&mut converted.failed_closed);
+        self.problems.extend(
+            failed_closed
+                .into_iter()
+                .map(|source| ManifestError::FailedClosed {
+                    location: location.clone(),
+                    source: Box::new(source),
+                }),
+        );
+        self.snapshot.insert_policy(converted.policy);
+        Ok(())
+    }
+}
+
+impl Loader {
+    /// Adds a `ClusterNetworkPolicy`. A policy whose tier, priority or subject cannot be
+    /// read is skipped; narrower problems fail closed (see [`cluster`]), and an egress
+    /// rule of the wrong shape stands as a rule that denies everything it could scope.
+    fn add_cluster_policy(
+        &mut self,
+        location: &ObjectLocation,
+        mut value: Value,
+    ) -> Result<(), ManifestError> {
+        let skipped = |field: &str, problem: String| ManifestError::ClusterPolicySkipped {
+            location: location.clone(),
+            source: CnpField {
+                field: field.to_owned(),
+                problem,
+            },
+        };
+        let api_version = value.get("apiVersion").and_then(Value::as_str);
+        if api_version != Some(cluster::API_VERSION) {
+            return Err(skipped(
+                "apiVersion",
+                format!(
+                    "{} is not read (Egret reads {})",
+                    api_version.map_or_else(|| "missing".to_owned(), |v| format!("{v:?}")),
+                    cluster::API_VERSION
+                ),
+            ));
+        }
+        let mut malformed_rules: Vec<(usize, CnpField)> = Vec::new();
+        let object = loop {
+            match typed::<ClusterNetworkPolicyObject>(location, &value) {
+                Ok(object) => break object,
+                Err(ManifestError::Malformed { field, message, .. }) => {
+                    let slot = egress_rule_index(&field)
+                        .filter(|rule| malformed_rules.iter().all(|(seen, _)| seen != rule))
+                        .and_then(|rule| {
+                            let slot = value
+                                .get_mut("spec")
+                                .and_then(|spec| spec.get_mut("egress"))
+                                .and_then(|egress| egress.get_mut(rule))?;
+                            Some((rule, slot))
+                        });
+                    let Some((rule, slot)) = slot else {
+                        return Err(skipped(&field, message));
+                    };
+                    // Read the rest with an empty rule in its place: the converter makes
+                    // it a Deny of everything, as upstream asks of an unreadable rule.
+                    *slot = Value::Mapping(serde_yaml_ng::Mapping::new());
+                    malformed_rules.push((
+                        rule,
+                        CnpField {
+                            field,
+                            problem: format!(
+                                "{message}; the rule cannot be read and denies every destination"
+                            ),
+                        },
+                    ));
+                }
+                Err(other) => return Err(other),
+            }
+        };
+        let converted = cluster::cluster_network_policy(&object).map_err(|source| {
+            ManifestError::ClusterPolicySkipped {
+                location: location.clone(),
+                source,
+            }
+        })?;
+        // The converter's words about a stand-in rule would describe the stand-in.
+        let mut failed_closed: Vec<CnpField> = converted
+            .failed_closed
+            .into_iter()
+            .filter(|problem| {
+                egress_rule_index(&problem.field)
+                    .is_none_or(|rule| malformed_rules.iter().all(|(seen, _)| *seen != rule))
+            })
+            .collect();
+        failed_closed.extend(malformed_rules.into_iter().map(|(_, problem)| problem));
+        // In rule order (a stable sort keeps the converter's order within a rule).
+        failed_closed.sort_by_key(|problem| egress_rule_index(&problem.field));
+        self.problems
+            .extend(failed_closed.into_iter().map(|source| {
+                ManifestError::ClusterPolicyFailedClosed {
+                    location: location.clone(),
+                    source,
+                }
+            }));
+        self.snapshot.insert_cluster_policy(converted.policy);
+        Ok(())
+    }
+}
+
+/// `N` when `field` is inside `spec.egress[N]`.
+fn egress_rule_index(field: &str) -> Option<usize> {
+    field
+        .strip_prefix("spec.egress[")?
+        .split_once(']')?
+        .0
+        .parse()
+        .ok()
 }
 
 fn locate(file: &Path, kind: &str, value: &Value) -> ObjectLocation {
     let metadata = value.get("metadata");
     let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
     let name = match (kind, field("namespace"), field("name")) {
-        ("Namespace", _, Some(name)) => name.to_owned(),
+        ("Namespace" | cluster::KIND, _, Some(name)) => name.to_owned(),
         (_, Some(namespace), Some(name)) => format!("{namespace}/{name}"),
         (_, None, Some(name)) => format!("{DEFAULT_NAMESPACE}/{name}"),
         (_, _, None) => "?".to_owned(),
@@ -226,7 +403,7 @@ fn locate(file: &Path, kind: &str, value: &Value) -> ObjectLocation {
 
 fn typed<T: serde::de::DeserializeOwned + HasMetadata>(
     location: &ObjectLocation,
-    value: Value,
+    value: &Value,
 ) -> Result<T, ManifestError> {
     let object: T =
         serde_path_to_error::deserialize(value).map_err(|error| ManifestError::Malformed {
@@ -286,64 +463,118 @@ impl HasMetadata for networking::NetworkPolicy {
     }
 }
 
+impl HasMetadata for ClusterNetworkPolicyObject {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+/// The manifest directory's name as a source, in updates, metrics and status.
+pub const SOURCE: &str = "manifests";
+
+/// While the directory cannot be read, it is tried again this often.
+const RETRY: Duration = Duration::from_secs(1);
+
 /// Watches `dir` (inotify) and sends the whole directory, re-read, after every change
-/// (debounced) and at least every `resync`. Stops when the receiver is gone.
-///
-/// # Errors
-/// When the directory cannot be watched.
+/// (debounced) and at least every `resync`. When the directory or a file in it cannot
+/// be read, it sends [`super::Update::Failed`] instead of a snapshot, so the last good
+/// one stays enforced, and tries again every second, watching the directory afresh
+/// (it may have been moved away and back, or replaced). Stops when the receiver is
+/// gone.
 pub async fn watch(
     dir: PathBuf,
     updates: tokio::sync::mpsc::Sender<super::Update>,
-    resync: std::time::Duration,
-) -> Result<(), notify::Error> {
-    use notify::Watcher as _;
+    resync: Duration,
+) {
     let (changed_tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = changed_tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    let mut first = true;
+    let mut watcher = None;
+    let (mut failing, mut synced) = (false, false);
     loop {
         let received = std::time::Instant::now();
-        let manifests = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || load_dir(&dir))
-                .await
-                .unwrap_or_default()
-        };
-        let problems = manifests.problems.iter().map(ToString::to_string).collect();
-        let update = super::Update::Replace {
-            snapshot: Box::new(manifests.snapshot),
-            problems,
-            received,
-        };
-        if updates.send(update).await.is_err() {
-            return Ok(());
+        if watcher.is_none() {
+            watcher = watch_contents(&dir, changed_tx.clone());
         }
-        if first {
-            first = false;
-            if updates
-                .send(super::Update::Synced {
-                    source: "manifests",
-                })
-                .await
-                .is_err()
-            {
-                return Ok(());
+        let loaded = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || load_dir(&dir)).await
+        };
+        let loaded = match loaded {
+            Ok(loaded) => loaded.map_err(|error| error.to_string()),
+            Err(error) => Err(format!("reading {}: {error}", dir.display())),
+        };
+        let mut sent = Vec::new();
+        match loaded {
+            Ok(manifests) => {
+                if watcher.is_none() {
+                    warn!(dir = %dir.display(), "cannot watch the manifest directory; changes are read at each resync");
+                }
+                if failing {
+                    failing = false;
+                    sent.push(super::Update::Recovered { source: SOURCE });
+                }
+                sent.push(super::Update::Replace {
+                    snapshot: Box::new(manifests.snapshot),
+                    problems: manifests.problems.iter().map(ToString::to_string).collect(),
+                    received,
+                });
+                if !synced {
+                    synced = true;
+                    sent.push(super::Update::Synced { source: SOURCE });
+                }
+            }
+            Err(problem) => {
+                failing = true;
+                // The watch follows the directory it was set on, wherever that went.
+                watcher = None;
+                sent.push(super::Update::Failed {
+                    source: SOURCE,
+                    problem,
+                });
+            }
+        }
+        for update in sent {
+            if updates.send(update).await.is_err() {
+                return;
             }
         }
         tokio::select! {
-            changed_now = changed.recv() => {
-                if changed_now.is_none() {
-                    return Ok(());
-                }
+            _ = changed.recv() => {
                 // Editors and `kubectl` write in bursts: wait for the burst to end.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 while changed.try_recv().is_ok() {}
             }
-            () = tokio::time::sleep(resync) => {}
+            () = tokio::time::sleep(if failing { RETRY } else { resync }) => {}
         }
     }
 }
+
+/// An inotify watch on `dir` that reports changes to its contents on `changed`; `None`
+/// when `dir` cannot be watched (it may not exist).
+fn watch_contents(
+    dir: &Path,
+    changed: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{
+        EventKind, Watcher as _,
+        event::{AccessKind, AccessMode},
+    };
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Opening and reading files is no change, and the loader's own reads would
+        // otherwise make every re-read cause the next one.
+        let is_read = |kind: &EventKind| {
+            matches!(kind, EventKind::Access(access)
+                if !matches!(access, AccessKind::Close(AccessMode::Write)))
+        };
+        if event.is_ok_and(|event| !is_read(&event.kind)) {
+            let _ = changed.send(());
+        }
+    });
+    let mut watcher = watcher.ok()?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .ok()?;
+    Some(watcher)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,17 @@
 //! A small Kubernetes API server for list/watch: resourceVersions, ADDED / MODIFIED /
 //! DELETED, BOOKMARK, `410 Gone` for compacted versions, and dropped connections.
+//! `ClusterNetworkPolicy` is a CRD: its path answers `404` until [`ApiServer::install_crd`].
 //! Enough for kube-rs's watcher, nothing more.
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -21,7 +26,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 /// Resource paths served, with the list kind each returns.
-const RESOURCES: [(&str, &str, &str); 5] = [
+const RESOURCES: [(&str, &str, &str); 6] = [
     ("/api/v1/namespaces", "NamespaceList", "v1"),
     ("/api/v1/pods", "PodList", "v1"),
     ("/api/v1/services", "ServiceList", "v1"),
@@ -35,7 +40,15 @@ const RESOURCES: [(&str, &str, &str); 5] = [
         "EndpointSliceList",
         "discovery.k8s.io/v1",
     ),
+    (
+        CLUSTER_POLICIES,
+        "ClusterNetworkPolicyList",
+        "policy.networking.k8s.io/v1alpha2",
+    ),
 ];
+
+/// The one CRD's path: served only while the CRD is installed.
+const CLUSTER_POLICIES: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
 
 #[derive(Clone)]
 struct Event {
@@ -62,6 +75,10 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     /// Watch requests served (to see re-watches and re-lists happen).
     pub requests: Arc<Mutex<Vec<String>>>,
+    /// Until then, every request is answered with an error.
+    failing_until: Arc<Mutex<Option<Instant>>>,
+    /// The `ClusterNetworkPolicy` CRD is installed (else its path answers `404`).
+    crd_installed: Arc<AtomicBool>,
 }
 
 fn path_of(kind: &str) -> &'static str {
@@ -71,6 +88,7 @@ fn path_of(kind: &str) -> &'static str {
         "Service" => RESOURCES[2].0,
         "NetworkPolicy" => RESOURCES[3].0,
         "EndpointSlice" => RESOURCES[4].0,
+        "ClusterNetworkPolicy" => CLUSTER_POLICIES,
         other => panic!("unsupported kind {other}"),
     }
 }
@@ -95,6 +113,8 @@ impl ApiServer {
             events,
             addr: listener.local_addr().unwrap(),
             requests: Arc::default(),
+            failing_until: Arc::default(),
+            crd_installed: Arc::default(),
         };
         let app = Router::new()
             .fallback(get(handle))
@@ -146,6 +166,13 @@ impl ApiServer {
             "Service" => "Service",
             "NetworkPolicy" => "NetworkPolicy",
             "EndpointSlice" => "EndpointSlice",
+            "ClusterNetworkPolicy" => {
+                assert!(
+                    self.crd_installed.load(Ordering::SeqCst),
+                    "install the ClusterNetworkPolicy CRD first"
+                );
+                "ClusterNetworkPolicy"
+            }
             other => panic!("unsupported kind {other}"),
         };
         let exists = self
@@ -193,6 +220,48 @@ impl ApiServer {
         let _ = self.events.send(None);
     }
 
+    /// Answers every request with `500 Internal Server Error` for `duration`, after
+    /// closing the open watches, as an API server (or the way to it) going down does.
+    pub fn fail_for(&self, duration: Duration) {
+        *self.failing_until.lock().unwrap() = Some(Instant::now() + duration);
+        self.drop_connections();
+    }
+
+    fn is_failing(&self) -> bool {
+        self.failing_until
+            .lock()
+            .unwrap()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Installs the `ClusterNetworkPolicy` CRD: its path is served from now on.
+    pub fn install_crd(&self) {
+        self.crd_installed.store(true, Ordering::SeqCst);
+    }
+
+    /// Removes the `ClusterNetworkPolicy` CRD, as Kubernetes does: its objects are
+    /// deleted (watchers see DELETED), then its watches end and its path answers `404`.
+    pub fn uninstall_crd(&self) {
+        let names: Vec<String> = self
+            .store
+            .lock()
+            .unwrap()
+            .objects
+            .get(CLUSTER_POLICIES)
+            .map(|objects| {
+                objects
+                    .values()
+                    .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in names {
+            self.delete("ClusterNetworkPolicy", "", &name);
+        }
+        self.crd_installed.store(false, Ordering::SeqCst);
+        self.drop_connections();
+    }
+
     /// Forgets history: watches resuming from an older version get `410 Gone`.
     pub fn compact(&self) {
         let mut store = self.store.lock().unwrap();
@@ -212,6 +281,20 @@ async fn handle(
         return (StatusCode::NOT_FOUND, "not found").into_response();
     };
     server.requests.lock().unwrap().push(uri.to_string());
+    if server.is_failing() {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "the test server is failing", "reason": "InternalError", "code": 500});
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "application/json")],
+            status.to_string(),
+        )
+            .into_response();
+    }
+    if path == CLUSTER_POLICIES && !server.crd_installed.load(Ordering::SeqCst) {
+        // What the API server answers for a resource no CRD defines.
+        return (StatusCode::NOT_FOUND, "404 page not found").into_response();
+    }
     if query.get("watch").map(String::as_str) != Some("true") {
         let store = server.store.lock().unwrap();
         let items: Vec<Value> = store

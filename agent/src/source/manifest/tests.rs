@@ -1,0 +1,164 @@
+//! The manifest loader on `ClusterNetworkPolicy` documents: read, failing closed, or
+//! skipped with the file, kind, name and field named.
+
+use std::path::Path;
+
+use egret_common::maps::TierAction;
+
+use super::*;
+use crate::policy::cluster::{Tier, TierPeer};
+
+fn load(text: &str) -> (Snapshot, Vec<String>) {
+    let mut loader = Loader::default();
+    loader.add_text(Path::new("guards.yaml"), text);
+    let problems = loader.problems.iter().map(ToString::to_string).collect();
+    (loader.snapshot, problems)
+}
+
+/// A policy in the `Admin` tier selecting every namespace, with `egress` as YAML.
+fn cnp(name: &str, egress: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {{namespaces: {{}}}}\n  egress: {egress}\n"
+    )
+}
+
+const DENY_METADATA: &str =
+    "[{name: no-metadata, action: Deny, to: [{networks: [169.254.169.254/32]}]}]";
+
+const NETWORK_POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec: {podSelector: {}, policyTypes: [Egress]}\n";
+
+#[test]
+fn cluster_network_policies_are_read_beside_network_policies() {
+    let list = format!(
+        "apiVersion: v1\nkind: List\nitems:\n- {}",
+        serde_json::to_string(
+            &serde_yaml_ng::from_str::<serde_json::Value>(&cnp("in-a-list", DENY_METADATA))
+                .unwrap()
+        )
+        .unwrap()
+    );
+    let text = [
+        cnp("no-metadata", DENY_METADATA),
+        NETWORK_POLICY.to_owned(),
+        list,
+    ]
+    .join("---\n");
+    let (snapshot, problems) = load(&text);
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(snapshot.policies.len(), 1, "the NetworkPolicy is read too");
+    assert_eq!(
+        snapshot.cluster_policies.keys().collect::<Vec<_>>(),
+        ["in-a-list", "no-metadata"]
+    );
+    let policy = &snapshot.cluster_policies["no-metadata"];
+    assert_eq!((policy.tier, policy.priority), (Tier::Admin, 10));
+    assert_eq!(policy.egress.len(), 1);
+    assert_eq!(policy.egress[0].action, TierAction::Deny);
+    assert_eq!(policy.egress[0].name.as_deref(), Some("no-metadata"));
+}
+
+#[test]
+fn what_egret_cannot_honour_fails_closed_and_is_reported() {
+    let egress = "[{action: Deny, to: [{nodes: {matchLabels: {role: control-plane}}}]}, {action: Accept, to: [{networks: [10.0.0.0/8]}]}]";
+    let (snapshot, problems) = load(&cnp("guard", egress));
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].starts_with(
+            "guards.yaml: ClusterNetworkPolicy guard: spec.egress[0].to[0].nodes: this experimental peer is not implemented"
+        ),
+        "{}",
+        problems[0]
+    );
+    assert!(
+        problems[0].ends_with("the rule matches every destination it would otherwise scope"),
+        "{}",
+        problems[0]
+    );
+    let policy = &snapshot.cluster_policies["guard"];
+    assert_eq!(policy.egress[0].to, [TierPeer::Everything]);
+    assert_eq!(policy.egress[1].action, TierAction::Accept);
+}
+
+#[test]
+fn a_rule_of_the_wrong_shape_denies_everything_and_the_rest_is_read() {
+    let egress = "[deny-everything, {action: Accept, to: [{networks: [10.0.0.0/8]}]}]";
+    let (snapshot, problems) = load(&cnp("guard", egress));
+    assert_eq!(
+        problems.len(),
+        1,
+        "one problem, in the rule's own words: {problems:#?}"
+    );
+    assert!(
+        problems[0].starts_with("guards.yaml: ClusterNetworkPolicy guard: spec.egress[0]: "),
+        "{}",
+        problems[0]
+    );
+    assert!(
+        problems[0].ends_with("the rule cannot be read and denies every destination"),
+        "{}",
+        problems[0]
+    );
+    let policy = &snapshot.cluster_policies["guard"];
+    assert_eq!(policy.egress[0].action, TierAction::Deny);
+    assert_eq!(policy.egress[0].to, [TierPeer::Everything]);
+    assert_eq!(policy.egress[1].action, TierAction::Accept);
+}
+
+#[test]
+fn a_policy_without_a_readable_tier_priority_or_subject_is_skipped_naming_the_field() {
+    let cases = [
+        (
+            cnp("guard", "[]").replace("tier: Admin", "tier: Platform"),
+            "spec.tier: \"Platform\" is not a tier (expected Admin or Baseline)",
+        ),
+        (
+            cnp("guard", "[]").replace("priority: 10", "priority: high"),
+            "spec.priority: invalid type: string \"high\"",
+        ),
+        (
+            cnp("guard", "[]").replace("priority: 10", "priority: 1001"),
+            "spec.priority: 1001 is outside 0-1000",
+        ),
+        (
+            cnp("guard", "[]").replace("subject: {namespaces: {}}", "subject: {}"),
+            "spec.subject: needs exactly one of namespaces or pods",
+        ),
+        (
+            cnp("guard", "[]").replace("v1alpha2", "v1beta1"),
+            "apiVersion: \"policy.networking.k8s.io/v1beta1\" is not read (Egret reads policy.networking.k8s.io/v1alpha2)",
+        ),
+        (
+            cnp("guard", "[]").replace("{name: guard}", "{labels: {a: b}}"),
+            "metadata.name: missing",
+        ),
+    ];
+    for (text, expected) in cases {
+        let (snapshot, problems) = load(&text);
+        assert!(snapshot.cluster_policies.is_empty(), "skipped: {text}");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        let name = if expected.starts_with("metadata.name") {
+            "?"
+        } else {
+            "guard"
+        };
+        let prefix = format!("guards.yaml: ClusterNetworkPolicy {name}: {expected}");
+        assert!(
+            problems[0].starts_with(&prefix) && problems[0].ends_with("; the policy is skipped"),
+            "{}\nexpected {prefix}…; the policy is skipped",
+            problems[0]
+        );
+    }
+}
+
+#[test]
+fn a_cluster_network_policy_defined_twice_keeps_the_first() {
+    let text = [cnp("guard", DENY_METADATA), cnp("guard", "[]")].join("---\n");
+    let (snapshot, problems) = load(&text);
+    assert_eq!(snapshot.cluster_policies["guard"].egress.len(), 1);
+    assert_eq!(
+        problems,
+        [
+            "guards.yaml: ClusterNetworkPolicy guard: defined again (first in guards.yaml); the first definition is used"
+        ]
+    );
+}

@@ -815,6 +815,11 @@ impl Reconciler {
             .addresses
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = addresses;
+        self.live
+            .tier_rules
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone_from(&compiled.tables.tier_rules);
         let pod_ips = compiled
             .tables
             .endpoints

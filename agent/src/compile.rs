@@ -13,6 +13,7 @@ pub mod lookup;
 mod ports;
 #[cfg(test)]
 mod tests;
+pub mod tiers;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -23,7 +24,8 @@ use std::{
 
 use egret_common::maps::{
     CIDR_CLASS_BIT, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6, ENDPOINT_FLAG_ISOLATED_AUDITED,
-    ENDPOINT_FLAG_ISOLATED_ENFORCED, POLICY_ALLOW_AUDITED, POLICY_ALLOW_ENFORCED,
+    ENDPOINT_FLAG_ISOLATED_ENFORCED, ENDPOINT_FLAG_TIERED, POLICY_ALLOW_AUDITED,
+    POLICY_ALLOW_ENFORCED, PolicyValue,
 };
 use ipnet::IpNet;
 
@@ -35,6 +37,7 @@ use crate::{
     policy::{
         Labels, Mode, NamedPort, NetworkPolicy, Peer, PodView, PolicyRef, PortMatch, PortSpec,
         RuleRef,
+        cluster::{ClusterNetworkPolicy, TierRuleRef},
     },
     state::{ObjectKey, Pod, Snapshot},
 };
@@ -81,6 +84,9 @@ pub struct EndpointEntry {
     pub ipv6: Option<Ipv6Addr>,
     /// Policies that select the pod for egress; empty when it is not isolated.
     pub isolated_by: BTreeSet<PolicyRef>,
+    /// `ClusterNetworkPolicy` objects with egress rules whose subject the pod is, in
+    /// evaluation order.
+    pub cluster_policies: Vec<String>,
 }
 
 /// A policy table entry's key: endpoint, identity (or CIDR class), protocol and ports.
@@ -94,8 +100,9 @@ pub struct PolicyEntryKey {
 /// What an entry allows, and (userspace only) which rules allow it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Allowance {
-    /// `POLICY_ALLOW_*` bits, including those of every shorter entry covering this one.
-    pub flags: u32,
+    /// What the entry decides per tier (NetworkPolicy allow bits, the first Admin and
+    /// Baseline rules), joined with every shorter entry covering this one.
+    pub value: PolicyValue,
     /// Shared: where allow lists of many policies overlap, the classes, their numbers
     /// and every endpoint's entries hold the same long sets.
     pub rules: Arc<BTreeSet<RuleRef>>,
@@ -103,7 +110,7 @@ pub struct Allowance {
 
 impl Allowance {
     fn merge(&mut self, other: &Allowance) {
-        self.flags |= other.flags;
+        self.value.join(&other.value);
         if self.rules.is_empty() {
             self.rules = Arc::clone(&other.rules);
         } else if !Arc::ptr_eq(&self.rules, &other.rules) {
@@ -130,6 +137,8 @@ pub struct Tables {
     /// (endpoint, network) -> CIDR class (an identity with `CIDR_CLASS_BIT` set).
     pub cidrs: BTreeMap<(u32, IpNet), u32>,
     pub policy: BTreeMap<PolicyEntryKey, Allowance>,
+    /// Every `ClusterNetworkPolicy` rule by rank, as entries and flow events name them.
+    pub tier_rules: Vec<TierRuleRef>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -204,8 +213,9 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
 
     // Everything an endpoint gets follows from the set of policies selecting it, so pods
     // selected by the same policies (the replicas of a deployment) share one layout.
+    let ranked = tiers::Ranked::of(snapshot);
     let mut layouts: Vec<Layout> = Vec::new();
-    let mut layout_of: HashMap<Vec<&PolicyRef>, usize> = HashMap::new();
+    let mut layout_of: HashMap<(Vec<&PolicyRef>, Vec<&str>), usize> = HashMap::new();
     let mut endpoint_layouts: Vec<(u32, usize)> = Vec::with_capacity(local.len());
     for pod in &local {
         let endpoint = compiled.ids.endpoints.id(&pod.key());
@@ -214,7 +224,14 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
             .values()
             .filter(|p| p.isolates_egress && p.selects(*pod))
             .collect();
-        let key = selecting.iter().map(|p| &p.id).collect();
+        let selecting_cluster = ranked.selecting(snapshot, pod);
+        let key = (
+            selecting.iter().map(|p| &p.id).collect(),
+            selecting_cluster
+                .iter()
+                .map(|(p, _)| p.name.as_str())
+                .collect(),
+        );
         let layout = *layout_of.entry(key).or_insert_with(|| {
             layouts.push(Layout::build(
                 snapshot,
@@ -222,6 +239,7 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
                 &identities,
                 &compiled.tables.identities,
                 &selecting,
+                &selecting_cluster,
             ));
             layouts.len() - 1
         });
@@ -234,6 +252,10 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
                 ipv4: pod.ipv4(),
                 ipv6: pod.ipv6(),
                 isolated_by: program.isolated_by.clone(),
+                cluster_policies: selecting_cluster
+                    .iter()
+                    .map(|(policy, _)| policy.name.clone())
+                    .collect(),
             },
         );
         for (identity, grants) in &program.identity_grants {
@@ -275,6 +297,7 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
             insert_grants(&mut compiled.tables.policy, endpoint, *class, grants);
         }
     }
+    compiled.tables.tier_rules = ranked.rules;
     compiled
 }
 
@@ -293,8 +316,10 @@ impl Layout {
         identities: &[(u32, &IdentityKey)],
         addresses: &BTreeMap<IpAddr, u32>,
         selecting: &[&NetworkPolicy],
+        selecting_cluster: &[(&ClusterNetworkPolicy, u32)],
     ) -> Self {
-        let program = EndpointProgram::build(snapshot, owners, identities, selecting);
+        let program =
+            EndpointProgram::build(snapshot, owners, identities, selecting, selecting_cluster);
         let mut classes = cidr::classes(&program.blocks);
         if program.flags != 0 {
             // A Service address is judged by its backends alone (as after translation),
@@ -327,24 +352,30 @@ fn service_grants(
                 continue;
             }
             let protocol = port.protocol.number();
-            let (mut all_enforced, mut all_allowed) = (true, true);
+            let mut worst: Option<(u8, PolicyValue)> = None;
             let mut rules = BTreeSet::new();
             for (ip, number) in backends {
                 let allowance = program.allowance_at(classes, identities, ip, protocol, number);
-                all_enforced &= allowance.flags & POLICY_ALLOW_ENFORCED != 0;
-                all_allowed &= allowance.flags != 0;
                 rules.extend(allowance.rules.iter().cloned());
-            }
-            if all_allowed {
-                let flags = if all_enforced {
-                    POLICY_ALLOW_ENFORCED | POLICY_ALLOW_AUDITED
-                } else {
-                    POLICY_ALLOW_AUDITED
+                // The Service port gets the entry of its most restricted backend: the
+                // kernel's verdict on it is then that backend's, so the port is
+                // allowed exactly when every backend is (the same order of tiers, the
+                // same endpoint flags, decide it).
+                let decision = egret_common::policy_decision(program.flags, &allowance.value);
+                let severity = match decision.verdict {
+                    egret_common::Verdict::Allow => 0,
+                    egret_common::Verdict::AuditDeny => 1,
+                    egret_common::Verdict::Deny => 2,
                 };
+                if worst.as_ref().is_none_or(|(s, _)| severity > *s) {
+                    worst = Some((severity, allowance.value));
+                }
+            }
+            if let Some((_, value)) = worst {
                 grants.insert(
                     PortPrefix::port(protocol, port.port),
                     Allowance {
-                        flags,
+                        value,
                         rules: Arc::new(rules),
                     },
                 );
@@ -412,6 +443,7 @@ impl EndpointProgram {
         owners: &BTreeMap<IpAddr, &Pod>,
         identities: &[(u32, &IdentityKey)],
         selecting: &[&NetworkPolicy],
+        selecting_cluster: &[(&ClusterNetworkPolicy, u32)],
     ) -> Self {
         let mut program = EndpointProgram {
             flags: 0,
@@ -426,6 +458,10 @@ impl EndpointProgram {
                 Mode::Audit => ENDPOINT_FLAG_ISOLATED_AUDITED,
             };
             program.add_policy(snapshot, owners, identities, policy);
+        }
+        if !selecting_cluster.is_empty() {
+            program.flags |= ENDPOINT_FLAG_TIERED;
+            program.add_cluster_policies(snapshot, owners, identities, selecting_cluster);
         }
         for grants in program.identity_grants.values_mut() {
             ports::close_over_prefixes(grants);
@@ -446,7 +482,7 @@ impl EndpointProgram {
         };
         for (index, rule) in policy.egress.iter().enumerate() {
             let allowance = Allowance {
-                flags,
+                value: PolicyValue::allowing(flags),
                 rules: Arc::new(BTreeSet::from([RuleRef {
                     policy: policy.id.clone(),
                     rule: index,

@@ -568,6 +568,14 @@ fn print_explain(answer: &serde_json::Value, output: Output) {
         answer["port"],
         answer["reason"].as_str().unwrap_or("")
     );
+    let passed_over = list(&answer["passed_over_rules"]);
+    if !passed_over.is_empty() {
+        println!("  passed over: {passed_over}");
+    }
+    if let Some(rule) = answer["decided_by_rule"].as_str() {
+        println!("  decided by: {rule}");
+        return;
+    }
     match answer["verdict"].as_str() {
         Some("allow") if !list(&answer["allowed_by"]).is_empty() => {
             println!("  allowed by: {}", list(&answer["allowed_by_rules"]));

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::{
     compile::{self, Compiled, Ids, Scope, lookup},
-    policy::{PolicyRef, Protocol},
+    policy::{PolicyRef, Protocol, cluster::TierRuleRef},
     state::{ObjectKey, Snapshot},
 };
 
@@ -63,6 +63,8 @@ pub struct Answer {
     /// Allow: the policies whose rules allow the flow (empty when not isolated).
     /// Deny: the policies that isolate the pod.
     pub policies: BTreeSet<PolicyRef>,
+    /// The `ClusterNetworkPolicy` rule that decided, if one did.
+    pub rule: Option<TierRuleRef>,
 }
 
 impl<'a> Simulator<'a> {
@@ -95,6 +97,10 @@ impl<'a> Simulator<'a> {
                     output.insert("audit".into(), true.into());
                 }
                 output.insert("reason".into(), answer.reason.into());
+                if let Some(rule) = &answer.rule {
+                    output.insert("tier".into(), rule.tier.name().into());
+                    output.insert("rule".into(), rule.to_string().into());
+                }
                 let policies = answer
                     .policies
                     .iter()
@@ -179,6 +185,7 @@ impl<'a> Simulator<'a> {
                 verdict: Verdict::Allow,
                 reason: "not_isolated",
                 policies: BTreeSet::new(),
+                rule: None,
             });
         };
         let protocol_number = match (protocol, destination) {
@@ -193,14 +200,17 @@ impl<'a> Simulator<'a> {
             protocol_number,
             port,
         );
-        let policies = match decision.verdict {
-            Verdict::Allow => decision.allowing_policies(),
-            Verdict::Deny | Verdict::AuditDeny => endpoint.isolated_by.clone(),
+        let policies = match (decision.verdict, &decision.decided_by) {
+            // A ClusterNetworkPolicy rule decided: it is named in `rule`.
+            (_, Some(_)) => BTreeSet::new(),
+            (Verdict::Allow, None) => decision.allowing_policies(),
+            (Verdict::Deny | Verdict::AuditDeny, None) => endpoint.isolated_by.clone(),
         };
         Ok(Answer {
             verdict: decision.verdict,
             reason: decision.reason.name(),
             policies,
+            rule: decision.decided_by,
         })
     }
 }

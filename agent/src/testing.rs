@@ -3,10 +3,16 @@
 
 use std::net::IpAddr;
 
-use egret_common::Verdict;
+use egret_common::{Verdict, maps::TierAction};
 
 use crate::{
-    policy::{self, Labels, Mode, NamedPort, NetworkPolicy, Peer, PodView, Protocol},
+    policy::{
+        self, Labels, Mode, NamedPort, NetworkPolicy, Peer, PodView, Protocol,
+        cluster::{
+            ClusterNetworkPolicy, Destination, Tier, convert::ClusterNetworkPolicyObject,
+            first_match,
+        },
+    },
     state::{Namespace, Pod, PodPhase, Snapshot},
 };
 
@@ -75,7 +81,18 @@ pub fn snapshot(
     snapshot
 }
 
-/// The verdict the rules give, evaluated directly. `protocol: None` is ICMP.
+/// A `ClusterNetworkPolicy` from YAML (`metadata` and `spec`), converted.
+pub fn mk_cluster_policy(yaml: &str) -> ClusterNetworkPolicy {
+    let object: ClusterNetworkPolicyObject =
+        serde_yaml_ng::from_str(yaml).expect("test policy YAML parses");
+    policy::cluster::convert::cluster_network_policy(&object)
+        .expect("test policy is valid")
+        .policy
+}
+
+/// The verdict the rules give, evaluated directly: the Admin tier, NetworkPolicy, the
+/// Baseline tier, then allow; once over enforced policies (what drops) and once over
+/// all (what is counted as an audit denial). `protocol: None` is ICMP.
 pub fn reference_verdict(
     snapshot: &Snapshot,
     source: &Pod,
@@ -86,15 +103,12 @@ pub fn reference_verdict(
     if !source.takes_part() {
         return Verdict::Allow;
     }
+    let destination_pod = snapshot.pod_by_ip(destination);
     let selecting: Vec<&NetworkPolicy> = snapshot
         .policies
         .values()
         .filter(|p| p.isolates_egress && p.selects(source))
         .collect();
-    if selecting.is_empty() {
-        return Verdict::Allow;
-    }
-    let destination_pod = snapshot.pod_by_ip(destination);
     let allows = |policy: &NetworkPolicy| {
         policy.egress.iter().any(|rule| {
             let peer_ok = rule.to.is_empty()
@@ -121,15 +135,48 @@ pub fn reference_verdict(
             peer_ok && port_ok
         })
     };
-    let enforced: Vec<_> = selecting
-        .iter()
-        .filter(|p| p.mode == Mode::Enforce)
+    let source_labels = snapshot.namespace_labels(&source.namespace);
+    let mut cluster: Vec<&ClusterNetworkPolicy> = snapshot
+        .cluster_policies
+        .values()
+        .filter(|p| p.selects(source, &source_labels))
         .collect();
-    let allowed_by_enforced = enforced.iter().any(|p| allows(p));
-    let allowed_by_any = selecting.iter().any(|p| allows(p));
-    if !enforced.is_empty() && !allowed_by_enforced {
+    cluster.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+    let destination_labels = destination_pod
+        .map(|pod| snapshot.namespace_labels(&pod.namespace))
+        .unwrap_or_default();
+    let target = Destination {
+        address: destination,
+        pod: destination_pod.map(|pod| (pod, &destination_labels, pod.named_ports.as_slice())),
+        protocol: protocol.map_or(
+            if destination.is_ipv4() {
+                egret_common::proto::ICMP
+            } else {
+                egret_common::proto::ICMPV6
+            },
+            Protocol::number,
+        ),
+        port: if protocol.is_some() { port } else { 0 },
+    };
+    let decide = |enforced_only: bool| {
+        let counts = |mode: Mode| !enforced_only || mode == Mode::Enforce;
+        let tier_policies = cluster.iter().copied().filter(|p| counts(p.mode));
+        let (admin, _) = first_match(tier_policies.clone(), Tier::Admin, &target);
+        match admin.map(|rule| rule.action) {
+            Some(TierAction::Accept) => return true,
+            Some(TierAction::Deny) => return false,
+            Some(TierAction::Pass) | None => {}
+        }
+        let isolating: Vec<&&NetworkPolicy> = selecting.iter().filter(|p| counts(p.mode)).collect();
+        if !isolating.is_empty() {
+            return isolating.iter().any(|p| allows(p));
+        }
+        let (baseline, _) = first_match(tier_policies, Tier::Baseline, &target);
+        !matches!(baseline.map(|rule| rule.action), Some(TierAction::Deny))
+    };
+    if !decide(true) {
         Verdict::Deny
-    } else if !allowed_by_any {
+    } else if !decide(false) {
         Verdict::AuditDeny
     } else {
         Verdict::Allow

@@ -1,26 +1,32 @@
 //! The kernel's lookup, done in userspace on the compiled tables: the same identity
 //! lookup, CIDR longest match and policy longest match, and the same verdict function
-//! (`egret_common::policy_verdict`). `egret simulate` and `explain` answer with it, so
+//! (`egret_common::policy_decision`). `egret simulate` and `explain` answer with it, so
 //! their answers are the tables' answers.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
 use egret_common::{
     Reason, Verdict,
-    maps::{ENDPOINT_FLAG_ISOLATED_AUDITED, ENDPOINT_FLAG_ISOLATED_ENFORCED},
+    maps::{ENDPOINT_FLAGS_FILTERED, tier_rule_parts},
     proto,
 };
 use ipnet::IpNet;
 
 use super::{Allowance, EndpointEntry, PolicyEntryKey, PortPrefix, Tables};
-use crate::policy::{PolicyRef, RuleRef};
+use crate::policy::{PolicyRef, RuleRef, cluster::TierRuleRef};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub verdict: Verdict,
     pub reason: Reason,
-    /// The rules that allow the packet (from the entries the lookups found).
+    /// The NetworkPolicy rules that allow the packet (from the entries the lookups
+    /// found).
     pub allowed_by: BTreeSet<RuleRef>,
+    /// The `ClusterNetworkPolicy` rule that decided, if one did.
+    pub decided_by: Option<TierRuleRef>,
+    /// The `ClusterNetworkPolicy` rules evaluated before the decision, in order: none
+    /// of them matched, or (a Pass) it matched and skipped the rest of its tier.
+    pub passed_over: Vec<TierRuleRef>,
 }
 
 impl Decision {
@@ -44,13 +50,13 @@ pub fn decide(
     protocol: u8,
     port: u16,
 ) -> Decision {
-    let is_isolated =
-        endpoint.flags & (ENDPOINT_FLAG_ISOLATED_ENFORCED | ENDPOINT_FLAG_ISOLATED_AUDITED) != 0;
-    if !is_isolated {
+    if endpoint.flags & ENDPOINT_FLAGS_FILTERED == 0 {
         return Decision {
             verdict: Verdict::Allow,
             reason: Reason::NotIsolated,
             allowed_by: BTreeSet::new(),
+            decided_by: None,
+            passed_over: Vec::new(),
         };
     }
     let mut found = Allowance::default();
@@ -64,14 +70,34 @@ pub fn decide(
     {
         found.merge(allowance);
     }
-    let decision = egret_common::policy_decision(
-        endpoint.flags,
-        &egret_common::maps::PolicyValue::allowing(found.flags),
-    );
+    let decision = egret_common::policy_decision(endpoint.flags, &found.value);
+    let decided_rank = tier_rule_parts(decision.rule).map(|(rank, _)| rank as usize);
+    // Before an Admin or Baseline decision: every rule ranked above it; before a
+    // NetworkPolicy decision: the Admin tier; before the default: both tiers.
+    let evaluated_before = |rank: usize, rule: &TierRuleRef| match decided_rank {
+        Some(decided) => rank < decided,
+        None if matches!(decision.reason, Reason::PolicyAllows | Reason::NoRuleAllows) => {
+            rule.tier == crate::policy::cluster::Tier::Admin
+        }
+        None => true,
+    };
+    let passed_over = tables
+        .tier_rules
+        .iter()
+        .enumerate()
+        .filter(|(rank, rule)| {
+            endpoint.cluster_policies.contains(&rule.policy) && evaluated_before(*rank, rule)
+        })
+        .map(|(_, rule)| rule.clone())
+        .collect();
     Decision {
         verdict: decision.verdict,
         reason: decision.reason,
         allowed_by: std::sync::Arc::unwrap_or_clone(found.rules),
+        decided_by: decided_rank
+            .and_then(|rank| tables.tier_rules.get(rank))
+            .cloned(),
+        passed_over,
     }
 }
 

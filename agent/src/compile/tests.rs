@@ -236,7 +236,7 @@ fn numbers_stay_stable_across_compilations() {
 // ---- property test: compiled tables through the kernel-lookup model == the rules ----
 
 const LABEL_VALUES: [&str; 3] = ["a", "b", "c"];
-const ADDRESSES: [&str; 10] = [
+pub(super) const ADDRESSES: [&str; 10] = [
     "10.0.0.1",
     "10.0.0.2",
     "10.0.0.3",
@@ -248,7 +248,7 @@ const ADDRESSES: [&str; 10] = [
     "10.0.0.9",
     "192.168.0.1",
 ];
-const CIDRS: [&str; 8] = [
+pub(super) const CIDRS: [&str; 8] = [
     "10.0.0.0/16",
     "10.0.0.0/24",
     "10.0.0.2/31",
@@ -258,7 +258,7 @@ const CIDRS: [&str; 8] = [
     "fd00::/112",
     "::/0",
 ];
-const PORTS: [u16; 6] = [53, 80, 81, 443, 1000, 1001];
+pub(super) const PORTS: [u16; 6] = [53, 80, 81, 443, 1000, 1001];
 
 fn arb_labels() -> impl Strategy<Value = Vec<(String, String)>> {
     proptest::collection::vec(
@@ -276,7 +276,7 @@ fn arb_labels() -> impl Strategy<Value = Vec<(String, String)>> {
     })
 }
 
-fn arb_selector() -> impl Strategy<Value = String> {
+pub(super) fn arb_selector() -> impl Strategy<Value = String> {
     prop_oneof![
         Just("{}".to_owned()),
         (
@@ -405,7 +405,7 @@ fn arb_pod() -> impl Strategy<Value = PodSpec> {
         )
 }
 
-fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
+pub(super) fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
     (
         proptest::collection::vec(arb_pod(), 1..6),
         (0usize..4).prop_flat_map(|n| (0..n).map(arb_policy).collect::<Vec<_>>()),
@@ -565,6 +565,10 @@ fn tmp_compile_full_timing() {
     for _ in 0..3 {
         let t = std::time::Instant::now();
         let compiled = compile(&loader.snapshot, &scope, &Ids::default());
-        eprintln!("compile {:?} entries {}", t.elapsed(), compiled.tables.policy.len());
+        eprintln!(
+            "compile {:?} entries {}",
+            t.elapsed(),
+            compiled.tables.policy.len()
+        );
     }
 }

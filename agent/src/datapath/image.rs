@@ -61,7 +61,7 @@ impl KernelImage {
         for (key, allowance) in &tables.policy {
             image
                 .policy
-                .insert(policy_key(key), PolicyValue::allowing(allowance.flags));
+                .insert(policy_key(key), allowance.value);
         }
         image
     }

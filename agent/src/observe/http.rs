@@ -225,6 +225,13 @@ async fn explain(
         "allowed_by": decision.allowing_policies().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "allowed_by_rules": decision.allowed_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "isolated_by": endpoint.isolated_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "tier": super::flows::tier_of(decision.reason),
+        "decided_by_rule": decision.decided_by.as_ref().map(|rule| format!(
+            "ClusterNetworkPolicy {rule} ({}, {:?})", rule.tier.name(), rule.action
+        )),
+        "passed_over_rules": decision.passed_over.iter().map(|rule| format!(
+            "ClusterNetworkPolicy {rule} ({}, {:?})", rule.tier.name(), rule.action
+        )).collect::<Vec<_>>(),
     }))
 }
 

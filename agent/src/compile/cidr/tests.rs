@@ -159,7 +159,7 @@ fn grants(choice: u8) -> Grants {
         rule,
     };
     let allow = |flags, rule| Allowance {
-        flags,
+        value: egret_common::maps::PolicyValue::allowing(flags),
         rules: std::sync::Arc::new(BTreeSet::from([rule])),
     };
     let tcp = |port, len| PortPrefix::Protocol {

@@ -509,9 +509,10 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
             endpoint["state"].as_str().unwrap_or(""),
             endpoint["attachment"].as_str().unwrap_or("-"),
             list(&endpoint["ips"]),
-            Some(list(&endpoint["isolated_by"]))
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "(not isolated)".into())
+            policies_of(
+                &list(&endpoint["isolated_by"]),
+                &list(&endpoint["cluster_policies"])
+            )
         );
     }
     println!(
@@ -532,6 +533,17 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The policies governing a pod, for `status`: the NetworkPolicies isolating it, then
+/// the ClusterNetworkPolicies whose subject it is.
+fn policies_of(isolated_by: &str, cluster_policies: &str) -> String {
+    match (isolated_by.is_empty(), cluster_policies.is_empty()) {
+        (true, true) => "(not isolated)".to_owned(),
+        (false, true) => isolated_by.to_owned(),
+        (true, false) => format!("cluster: {cluster_policies}"),
+        (false, false) => format!("{isolated_by}; cluster: {cluster_policies}"),
+    }
 }
 
 fn print_explain(answer: &serde_json::Value, output: Output) {

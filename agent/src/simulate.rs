@@ -98,7 +98,7 @@ impl<'a> Simulator<'a> {
                 }
                 output.insert("reason".into(), answer.reason.into());
                 if let Some(rule) = &answer.rule {
-                    output.insert("tier".into(), rule.tier.name().into());
+                    output.insert("tier".into(), rule.tier.name().to_lowercase().into());
                     output.insert("rule".into(), rule.to_string().into());
                 }
                 let policies = answer

@@ -132,6 +132,7 @@ async fn status(State(admin): State<Admin>) -> axum::response::Response {
                 "attachment": attachment,
                 "state": if attachment.is_some() { "enforced" } else { "not_attached" },
                 "isolated_by": entry.isolated_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "cluster_policies": entry.cluster_policies,
             })
         })
         .collect();

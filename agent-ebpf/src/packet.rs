@@ -184,16 +184,10 @@ fn parse_ipv4_direct(skb: &SkBuff, l3: usize, packet: &mut Packet) -> Option<()>
         src: ipv4_mapped([header[12], header[13], header[14], header[15]]),
         dst: ipv4_mapped([header[16], header[17], header[18], header[19]]),
         protocol: header[9],
-        dst_port: 0,
-        src_port: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        echo_id: None,
         fragment: ipv4_fragment(fragment_field),
         fragment_id: u32::from(u16::from_be_bytes([header[4], header[5]])),
-        is_link_control: false,
-        is_icmp_error: false,
         l4: (l3 + IPV4_HEADER_LEN) as u16,
+        ..Packet::EMPTY
     };
     if packet.fragment != Fragment::Later {
         let mut l4 = [0; 8];
@@ -226,16 +220,10 @@ fn parse_ipv6_direct(skb: &SkBuff, l3: usize, packet: &mut Packet) -> Option<()>
         src,
         dst,
         protocol: next,
-        dst_port: 0,
-        src_port: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        echo_id: None,
         fragment: Fragment::None,
         fragment_id: 0,
-        is_link_control: false,
-        is_icmp_error: false,
         l4: (l3 + IPV6_HEADER_LEN) as u16,
+        ..Packet::EMPTY
     };
     let mut l4 = [0; 8];
     l4.copy_from_slice(&header[IPV6_HEADER_LEN..]);
@@ -322,16 +310,10 @@ fn parse_ipv4(skb: &SkBuff, l3: usize, packet: &mut Packet) -> Option<()> {
         src: ipv4_mapped(src),
         dst: ipv4_mapped(dst),
         protocol,
-        dst_port: 0,
-        src_port: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        echo_id: None,
         fragment: ipv4_fragment(fragment_field),
         fragment_id,
-        is_link_control: false,
-        is_icmp_error: false,
         l4: l4 as u16,
+        ..Packet::EMPTY
     };
     if packet.fragment != Fragment::Later {
         load_transport(skb, packet, l4)?;
@@ -387,16 +369,10 @@ fn parse_ipv6(skb: &SkBuff, l3: usize, packet: &mut Packet) -> Option<()> {
         src,
         dst,
         protocol: next,
-        dst_port: 0,
-        src_port: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        echo_id: None,
         fragment,
         fragment_id,
-        is_link_control: false,
-        is_icmp_error: false,
         l4: offset as u16,
+        ..Packet::EMPTY
     };
     if fragment != Fragment::Later {
         load_transport(skb, packet, offset)?;

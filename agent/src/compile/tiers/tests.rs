@@ -5,7 +5,10 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use egret_common::proto;
+use egret_common::{
+    Verdict::{Allow, Deny},
+    proto,
+};
 use proptest::prelude::*;
 
 use super::super::{
@@ -152,7 +155,6 @@ fn tier_order_by_hand() {
         );
         (decision.verdict, decision.reason.name())
     };
-    use egret_common::Verdict::{Allow, Deny};
     assert_eq!(verdict(&s, "shop/web", "10.0.0.2"), (Allow, "policy"));
     let insert = |s: &mut crate::state::Snapshot, yaml: &str| {
         let policy = mk_cluster_policy(yaml);

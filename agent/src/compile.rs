@@ -35,8 +35,8 @@ pub use self::{
 };
 use crate::{
     policy::{
-        Labels, Mode, NamedPort, NetworkPolicy, Peer, PodView, PolicyRef, PortMatch, PortSpec,
-        RuleRef,
+        Labels, Mode, NamedPort, NetworkPolicy, Peer, PodPeer, PodView, PolicyRef, PortMatch,
+        PortSpec, RuleRef,
         cluster::{ClusterNetworkPolicy, TierRuleRef},
     },
     state::{ObjectKey, Pod, Snapshot},
@@ -178,20 +178,23 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         .filter(|pod| pod.takes_part())
         .collect();
 
-    let identity_keys: BTreeSet<IdentityKey> =
-        peers.iter().map(|pod| IdentityKey::of(pod)).collect();
+    let keys: Vec<IdentityKey> = peers.iter().map(|pod| IdentityKey::of(pod)).collect();
+    let identity_keys: BTreeSet<&IdentityKey> = keys.iter().collect();
     compiled.ids.identities = previous
         .identities
-        .reassign(identity_keys.iter().cloned(), 1);
-    let identities: Vec<(u32, &IdentityKey)> = identity_keys
-        .iter()
-        .map(|key| (compiled.ids.identities.id(key), key))
-        .collect();
+        .reassign(identity_keys.iter().map(|key| (*key).clone()), 1);
+    let identities = IdentityIndex::new(
+        snapshot,
+        identity_keys
+            .iter()
+            .map(|key| (compiled.ids.identities.id(key), *key))
+            .collect(),
+    );
     // The first pod (by namespace/name) that claims an address keeps it, as
     // `Snapshot::pod_by_ip` does.
     let mut owners: BTreeMap<IpAddr, &Pod> = BTreeMap::new();
-    for pod in &peers {
-        let identity = compiled.ids.identities.id(&IdentityKey::of(pod));
+    for (pod, key) in peers.iter().zip(&keys) {
+        let identity = compiled.ids.identities.id(key);
         for ip in &pod.ips {
             if owners.contains_key(ip) {
                 compiled.address_conflicts.push((pod.key(), *ip));
@@ -264,8 +267,20 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         endpoint_layouts.push((endpoint, layout));
     }
 
-    // Classes are numbered by content, so an unchanged class keeps its number and a
-    // number is never reused for a different meaning within one update.
+    add_classes(&mut compiled, previous, &layouts, endpoint_layouts);
+    compiled.tables.tier_rules = ranked.rules;
+    compiled
+}
+
+/// Numbers the CIDR classes of every layout and writes each endpoint's CIDR and class
+/// entries. Classes are numbered by content, so an unchanged class keeps its number
+/// and a number is never reused for a different meaning within one update.
+fn add_classes(
+    compiled: &mut Compiled,
+    previous: &Ids,
+    layouts: &[Layout],
+    endpoint_layouts: Vec<(u32, usize)>,
+) {
     let signatures: BTreeSet<&Grants> = layouts
         .iter()
         .flat_map(|layout| &layout.classes.grants)
@@ -297,8 +312,6 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
             insert_grants(&mut compiled.tables.policy, endpoint, *class, grants);
         }
     }
-    compiled.tables.tier_rules = ranked.rules;
-    compiled
 }
 
 /// What the endpoints selected by one set of policies get: their rules, and the CIDR
@@ -313,7 +326,7 @@ impl Layout {
     fn build(
         snapshot: &Snapshot,
         owners: &BTreeMap<IpAddr, &Pod>,
-        identities: &[(u32, &IdentityKey)],
+        identities: &IdentityIndex,
         addresses: &BTreeMap<IpAddr, u32>,
         selecting: &[&NetworkPolicy],
         selecting_cluster: &[(&ClusterNetworkPolicy, u32)],
@@ -418,6 +431,62 @@ fn insert_grants(
     }
 }
 
+/// The identities of the cluster, and the same grouped by namespace with the namespace's
+/// labels: a selector peer picks namespaces first, so a rule is matched against the
+/// identities of the namespaces it reaches, not against every identity of the cluster.
+struct IdentityIndex<'a> {
+    all: Vec<(u32, &'a IdentityKey)>,
+    namespaces: BTreeMap<&'a str, NamespaceIdentities<'a>>,
+}
+
+/// A namespace's labels and identities.
+#[derive(Default)]
+struct NamespaceIdentities<'a> {
+    labels: Labels,
+    identities: Vec<(u32, &'a IdentityKey)>,
+}
+
+impl<'a> IdentityIndex<'a> {
+    fn new(snapshot: &Snapshot, all: Vec<(u32, &'a IdentityKey)>) -> Self {
+        let mut namespaces: BTreeMap<&str, NamespaceIdentities> = BTreeMap::new();
+        for (identity, key) in &all {
+            namespaces
+                .entry(key.namespace.as_str())
+                .or_insert_with(|| NamespaceIdentities {
+                    labels: snapshot.namespace_labels(&key.namespace),
+                    identities: Vec::new(),
+                })
+                .identities
+                .push((*identity, *key));
+        }
+        Self { all, namespaces }
+    }
+
+    /// The identities `peer`, in a policy of `policy_namespace`, chooses.
+    fn chosen_by<'s>(
+        &'s self,
+        peer: &'s PodPeer,
+        policy_namespace: &'s str,
+    ) -> impl Iterator<Item = (u32, &'a IdentityKey)> + 's {
+        let reachable: Box<dyn Iterator<Item = &'s NamespaceIdentities<'a>>> =
+            match &peer.namespaces {
+                None => Box::new(self.namespaces.get(policy_namespace).into_iter()),
+                Some(selector) => Box::new(
+                    self.namespaces
+                        .values()
+                        .filter(|namespace| selector.matches(&namespace.labels)),
+                ),
+            };
+        reachable.flat_map(move |namespace| {
+            namespace
+                .identities
+                .iter()
+                .filter(move |(_, key)| peer.matches(policy_namespace, *key, &namespace.labels))
+                .copied()
+        })
+    }
+}
+
 /// One address range an endpoint's rules allow, with what they allow there (shared by
 /// the blocks of one rule).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -441,7 +510,7 @@ impl EndpointProgram {
     fn build(
         snapshot: &Snapshot,
         owners: &BTreeMap<IpAddr, &Pod>,
-        identities: &[(u32, &IdentityKey)],
+        identities: &IdentityIndex,
         selecting: &[&NetworkPolicy],
         selecting_cluster: &[(&ClusterNetworkPolicy, u32)],
     ) -> Self {
@@ -457,11 +526,11 @@ impl EndpointProgram {
                 Mode::Enforce => ENDPOINT_FLAG_ISOLATED_ENFORCED,
                 Mode::Audit => ENDPOINT_FLAG_ISOLATED_AUDITED,
             };
-            program.add_policy(snapshot, owners, identities, policy);
+            program.add_policy(owners, identities, policy);
         }
         if !selecting_cluster.is_empty() {
             program.flags |= ENDPOINT_FLAG_TIERED;
-            program.add_cluster_policies(snapshot, owners, identities, selecting_cluster);
+            program.add_cluster_policies(snapshot, owners, &identities.all, selecting_cluster);
         }
         for grants in program.identity_grants.values_mut() {
             ports::close_over_prefixes(grants);
@@ -471,9 +540,8 @@ impl EndpointProgram {
 
     fn add_policy(
         &mut self,
-        snapshot: &Snapshot,
         owners: &BTreeMap<IpAddr, &Pod>,
-        identities: &[(u32, &IdentityKey)],
+        identities: &IdentityIndex,
         policy: &NetworkPolicy,
     ) {
         let flags = match policy.mode {
@@ -509,7 +577,7 @@ impl EndpointProgram {
                     self.add_shared_block(net, Vec::new(), &unnamed);
                 }
                 if has_named {
-                    for (identity, key) in identities {
+                    for (identity, key) in &identities.all {
                         self.add_identity(*identity, &named_on(&key.named_ports));
                     }
                 }
@@ -530,13 +598,11 @@ impl EndpointProgram {
                         }
                     }
                     Peer::Pods(selector) => {
-                        for (identity, key) in identities {
-                            let namespace_labels = snapshot.namespace_labels(&key.namespace);
-                            if selector.matches(&policy.id.namespace, *key, &namespace_labels) {
-                                let grants =
-                                    grants_for(&rule.ports, Some(&key.named_ports), &allowance);
-                                self.add_identity(*identity, &grants);
-                            }
+                        for (identity, key) in identities.chosen_by(selector, &policy.id.namespace)
+                        {
+                            let grants =
+                                grants_for(&rule.ports, Some(&key.named_ports), &allowance);
+                            self.add_identity(identity, &grants);
                         }
                     }
                 }

@@ -13,11 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{PROBE_TIMEOUT, add_pod, counted_with_reason, egress_policy, start_agent};
+use common::{
+    PROBE_TIMEOUT, counted_with_reason, egress_policy,
+    site::{self, PodSpec, Site},
+    start_agent,
+};
 use egret_testbed::{
-    Listener, Pod, ProbeResult, Topology,
-    agent::AgentProcess,
-    manifests::{PodManifest, cluster_yaml, write_file},
+    Listener, Pod, ProbeResult, Topology, agent::AgentProcess, manifests::write_file,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -31,65 +33,38 @@ const TAKES_EFFECT: Duration = Duration::from_secs(3);
 /// `client`, `server` and `other` (label `app`) in `shop`; `open` (app: open) in `lab`,
 /// which no NetworkPolicy isolates. Each serves TCP and UDP echo on 8080.
 struct Campus {
-    topology: Topology,
+    site: Site,
     client: Pod,
     server: Pod,
     other: Pod,
     open: Pod,
-    manifests: tempfile::TempDir,
-    _listeners: Vec<Listener>,
 }
 
 impl Campus {
     fn new(policies: &str) -> Self {
-        let topology = Topology::new().expect("topology");
-        let client = add_pod(&topology, "client", 1);
-        let server = add_pod(&topology, "server", 2);
-        let other = add_pod(&topology, "other", 3);
-        let open = add_pod(&topology, "open", 4);
-        let mut listeners = Vec::new();
-        for pod in [&client, &server, &other, &open] {
-            listeners.push(pod.serve_tcp(8080).unwrap());
-            listeners.push(pod.serve_udp(8080).unwrap());
-        }
-        let manifests = tempfile::tempdir().unwrap();
-        let pod = |pod, namespace, app| PodManifest {
-            pod,
-            namespace,
-            labels: app,
-            ports: &[],
+        let [client, server, other] = site::SHOP;
+        let open = PodSpec {
+            name: "open",
+            namespace: "lab",
+            app: "open",
         };
-        let pods = [
-            pod(&client, "shop", &[("app", "client")]),
-            pod(&server, "shop", &[("app", "server")]),
-            pod(&other, "shop", &[("app", "other")]),
-            pod(&open, "lab", &[("app", "open")]),
-        ];
-        write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
-        write_file(manifests.path(), "policies.yaml", policies).unwrap();
+        let site = Site::new(&[client, server, other, open], policies);
+        let [client, server, other, open] = [0, 1, 2, 3].map(|i| site.pods[i].clone());
         Self {
-            topology,
+            site,
             client,
             server,
             other,
             open,
-            manifests,
-            _listeners: listeners,
         }
     }
+}
 
-    fn start(&self, args: &[&str]) -> AgentProcess {
-        let mut agent = start_agent(&self.topology, self.manifests.path(), args);
-        let ifindexes =
-            [&self.client, &self.server, &self.other, &self.open].map(Pod::host_ifindex);
-        agent
-            .wait_attached(&ifindexes, Duration::from_secs(20))
-            .unwrap();
-        agent
-    }
+impl std::ops::Deref for Campus {
+    type Target = Site;
 
-    fn rewrite_policies(&self, policies: &str) {
-        write_file(self.manifests.path(), "policies.yaml", policies).unwrap();
+    fn deref(&self) -> &Site {
+        &self.site
     }
 }
 

@@ -12,78 +12,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{PROBE_TIMEOUT, add_pod, counted, egress_policy, start_agent, start_agent_at};
-use egret_testbed::{
-    Pod, Topology,
-    agent::AgentProcess,
-    manifests::{PodManifest, cluster_yaml, write_file},
+use common::{
+    PROBE_TIMEOUT, counted, egress_policy,
+    site::{self, Site},
+    start_agent_at,
 };
+use egret_testbed::{Pod, agent::AgentProcess};
 
 /// client (app: client), server (app: server), other (app: other), all in `shop`,
 /// each with a TCP and UDP echo on 8080.
 struct Shop {
-    topology: Topology,
+    site: Site,
     client: Pod,
     server: Pod,
     other: Pod,
-    manifests: tempfile::TempDir,
-    _listeners: Vec<egret_testbed::Listener>,
 }
 
 impl Shop {
     fn new(policies: &str) -> Self {
-        let topology = Topology::new().expect("topology");
-        let client = add_pod(&topology, "client", 1);
-        let server = add_pod(&topology, "server", 2);
-        let other = add_pod(&topology, "other", 3);
-        let mut listeners = Vec::new();
-        for pod in [&client, &server, &other] {
-            listeners.push(pod.serve_tcp(8080).unwrap());
-            listeners.push(pod.serve_udp(8080).unwrap());
-        }
-        let manifests = tempfile::tempdir().unwrap();
-        let pods = [
-            PodManifest {
-                pod: &client,
-                namespace: "shop",
-                labels: &[("app", "client")],
-                ports: &[],
-            },
-            PodManifest {
-                pod: &server,
-                namespace: "shop",
-                labels: &[("app", "server")],
-                ports: &[],
-            },
-            PodManifest {
-                pod: &other,
-                namespace: "shop",
-                labels: &[("app", "other")],
-                ports: &[],
-            },
-        ];
-        write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
-        write_file(manifests.path(), "policies.yaml", policies).unwrap();
+        let site = Site::new(&site::SHOP, policies);
+        let [client, server, other] = [0, 1, 2].map(|i| site.pods[i].clone());
         Self {
-            topology,
+            site,
             client,
             server,
             other,
-            manifests,
-            _listeners: listeners,
         }
     }
+}
 
-    fn ifindexes(&self) -> [u32; 3] {
-        [&self.client, &self.server, &self.other].map(Pod::host_ifindex)
-    }
+impl std::ops::Deref for Shop {
+    type Target = Site;
 
-    fn start(&self, args: &[&str]) -> AgentProcess {
-        let mut agent = start_agent(&self.topology, self.manifests.path(), args);
-        agent
-            .wait_attached(&self.ifindexes(), Duration::from_secs(20))
-            .unwrap();
-        agent
+    fn deref(&self) -> &Site {
+        &self.site
     }
 }
 
@@ -487,24 +449,19 @@ fn policy_updates_never_drop_an_allowed_flow() {
     // Widen the policy (server and other), then narrow it back, a few times over.
     let wide = "[{to: [{podSelector: {matchLabels: {app: server}}}, {podSelector: {matchLabels: {app: other}}}], ports: [{port: 8080}]}, {to: [{ipBlock: {cidr: 10.77.0.2/32}}]}]";
     for round in 0..3 {
-        write_file(
-            shop.manifests.path(),
-            "policies.yaml",
-            &egress_policy("client", "client", wide, ""),
-        )
-        .unwrap();
+        shop.rewrite_policies(&egress_policy("client", "client", wide, ""));
         let widened = wait_for(|| {
             shop.client
                 .tcp_connect(shop.other.addr_v4(8080), PROBE_TIMEOUT)
                 .is_connected()
         });
         assert!(widened, "round {round}: the wider policy never took effect");
-        write_file(
-            shop.manifests.path(),
-            "policies.yaml",
-            &egress_policy("client", "client", CLIENT_TO_SERVER_ONLY, ""),
-        )
-        .unwrap();
+        shop.rewrite_policies(&egress_policy(
+            "client",
+            "client",
+            CLIENT_TO_SERVER_ONLY,
+            "",
+        ));
         let narrowed = wait_for(|| {
             shop.client
                 .tcp_connect(shop.other.addr_v4(8080), Duration::from_millis(200))

@@ -14,13 +14,12 @@ use std::{
     time::Duration,
 };
 
-use common::{PROBE_TIMEOUT, add_pod, counted_with_reason, egress_policy, log_tail, start_agent};
+use common::{PROBE_TIMEOUT, counted_with_reason, egress_policy, log_tail, site};
 use egret_testbed::{
-    GATEWAY_V6, Listener, Pod, Topology,
+    GATEWAY_V6, Pod,
     agent::AgentProcess,
     flood::{self, FrameReceiver},
     frames::{self, ETH_P_LOCAL_EXPERIMENTAL, ICMP, TCP},
-    manifests::{PodManifest, cluster_yaml, write_file},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -37,77 +36,41 @@ const CLIENT_TO_SERVER_8080: &str = "[{to: [{podSelector: {matchLabels: {app: se
 /// client (app: client), server (app: server), other (app: other) in `shop`, each with a TCP
 /// and UDP echo on 8080, and an agent enforcing `policies`.
 struct Site {
-    topology: Topology,
+    site: site::Site,
     client: Pod,
     server: Pod,
     other: Pod,
     agent: AgentProcess,
-    manifests: tempfile::TempDir,
-    _listeners: Vec<Listener>,
 }
 
 impl Site {
     fn new(policies: &str) -> Self {
-        let topology = Topology::new().expect("topology");
-        let client = add_pod(&topology, "client", 1);
-        let server = add_pod(&topology, "server", 2);
-        let other = add_pod(&topology, "other", 3);
-        let mut listeners = Vec::new();
-        for pod in [&client, &server, &other] {
-            listeners.push(pod.serve_tcp(8080).unwrap());
-            listeners.push(pod.serve_udp(8080).unwrap());
-        }
-        let manifests = tempfile::tempdir().unwrap();
-        let pods = [
-            PodManifest {
-                pod: &client,
-                namespace: "shop",
-                labels: &[("app", "client")],
-                ports: &[],
-            },
-            PodManifest {
-                pod: &server,
-                namespace: "shop",
-                labels: &[("app", "server")],
-                ports: &[],
-            },
-            PodManifest {
-                pod: &other,
-                namespace: "shop",
-                labels: &[("app", "other")],
-                ports: &[],
-            },
-        ];
-        write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
-        write_file(manifests.path(), "policies.yaml", policies).unwrap();
-        let mut agent = start_agent(&topology, manifests.path(), &[]);
-        agent
-            .wait_attached(
-                &[&client, &server, &other].map(Pod::host_ifindex),
-                Duration::from_secs(20),
-            )
-            .unwrap();
+        let site = site::Site::new(&site::SHOP, policies);
+        let agent = site.start(&[]);
+        let [client, server, other] = [0, 1, 2].map(|i| site.pods[i].clone());
         Self {
-            topology,
+            site,
             client,
             server,
             other,
             agent,
-            manifests,
-            _listeners: listeners,
         }
     }
 
     /// A receiver of `ethertype` frames that got past tc ingress on `pod`'s host veth.
     fn receiver(&self, pod: &Pod, ethertype: u16) -> FrameReceiver {
-        FrameReceiver::open(self.topology.node_netns(), pod.host_interface(), ethertype)
-            .expect("frame receiver")
+        FrameReceiver::open(
+            self.site.topology.node_netns(),
+            pod.host_interface(),
+            ethertype,
+        )
+        .expect("frame receiver")
     }
 
     fn denied(&self, pod: &Pod, reason: &str) -> u64 {
         counted_with_reason(
             &self.agent,
-            &self.topology,
+            &self.site.topology,
             pod.host_ifindex(),
             "deny",
             reason,
@@ -117,7 +80,7 @@ impl Site {
     fn related(&self, pod: &Pod) -> u64 {
         counted_with_reason(
             &self.agent,
-            &self.topology,
+            &self.site.topology,
             pod.host_ifindex(),
             "allow",
             "related",
@@ -428,19 +391,16 @@ fn kernel_diagnostics_reach_the_log_only_when_asked() {
 
     // The same agent with the kernel target named in RUST_LOG.
     site.agent = AgentProcess::start_logging(
-        &site.topology,
+        &site.site.topology,
         std::path::Path::new(common::AGENT),
-        site.manifests.path(),
+        site.site.manifests(),
         &AgentProcess::unique_pin_dir(),
         &[],
         "egret=debug,info,egret::kernel=debug",
     )
     .expect("agent starts");
     site.agent
-        .wait_attached(
-            &[&site.client, &site.server, &site.other].map(Pod::host_ifindex),
-            Duration::from_secs(20),
-        )
+        .wait_attached(&site.site.ifindexes(), Duration::from_secs(20))
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let logged = |agent: &AgentProcess| {

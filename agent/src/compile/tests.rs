@@ -549,26 +549,3 @@ fn service_address_is_allowed_when_every_ready_backend_is() {
         "web (10.0.0.1) is not allowed for api"
     );
 }
-
-#[test]
-#[ignore = "temporary timing harness"]
-fn tmp_compile_full_timing() {
-    use egret_testbed::cluster::GeneratedCluster;
-    let pods: usize = std::env::var("TMP_PODS").unwrap().parse().unwrap();
-    let policies: usize = std::env::var("TMP_POLICIES").unwrap().parse().unwrap();
-    let cluster = GeneratedCluster::new(pods, policies);
-    let mut loader = crate::source::manifest::Loader::default();
-    let t = std::time::Instant::now();
-    loader.add_text(std::path::Path::new("g.yaml"), &cluster.yaml());
-    eprintln!("load {:?}", t.elapsed());
-    let scope = Scope::Node(cluster.node.clone());
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
-        let compiled = compile(&loader.snapshot, &scope, &Ids::default());
-        eprintln!(
-            "compile {:?} entries {}",
-            t.elapsed(),
-            compiled.tables.policy.len()
-        );
-    }
-}

@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod apiserver;
+pub mod site;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -153,4 +154,55 @@ pub fn simulate(manifests: &Path, queries: &str) -> (Vec<serde_json::Value>, Str
         .map(|line| serde_json::from_str(line).expect("simulate prints JSON lines"))
         .collect();
     (answers, log)
+}
+
+/// Asserts that the text table starting at the line that begins with `header` (and
+/// running to the next blank line) lines up: each cell of a column starts where its
+/// header does, or, for the `right`-aligned columns, ends where its header ends.
+/// Columns are separated by two or more spaces.
+pub fn assert_table_aligned(text: &str, header: &str, right: &[&str]) {
+    let lines: Vec<&str> = text
+        .lines()
+        .skip_while(|line| !line.starts_with(header))
+        .take_while(|line| !line.trim().is_empty())
+        .collect();
+    assert!(lines.len() > 1, "a {header:?} table with rows in:\n{text}");
+    let columns = table_columns(lines[0]);
+    for line in &lines[1..] {
+        let chars: Vec<char> = line.chars().collect();
+        let at = |i: usize| chars.get(i).copied().unwrap_or(' ');
+        for (i, (name, start, end)) in columns.iter().enumerate() {
+            let edge = if right.contains(&name.as_str()) {
+                at(end - 1) != ' ' && at(*end) == ' '
+            } else {
+                at(*start) != ' ' && (*start == 0 || at(start - 1) == ' ')
+            };
+            // The last column may be empty (its cell is trimmed away).
+            let empty_last = i == columns.len() - 1 && chars.len() <= *start;
+            assert!(
+                edge || empty_last,
+                "column {name} is not aligned in {header:?} table:\n{}",
+                lines.join("\n")
+            );
+        }
+    }
+}
+
+/// Each column of a table header: its name, first and one-past-last character.
+fn table_columns(header: &str) -> Vec<(String, usize, usize)> {
+    let chars: Vec<char> = header.chars().collect();
+    let mut columns = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let start = i;
+        // A name ends at two spaces or the end of the line.
+        while i < chars.len() && !(chars[i] == ' ' && chars.get(i + 1).is_none_or(|c| *c == ' ')) {
+            i += 1;
+        }
+        columns.push((chars[start..i].iter().collect(), start, i));
+        while i < chars.len() && chars[i] == ' ' {
+            i += 1;
+        }
+    }
+    columns
 }

@@ -117,6 +117,8 @@ pub struct Config {
     /// Where `egret status`, `explain` and `flows` reach the agent; `None`: not served.
     pub admin_addr: Option<SocketAddr>,
     pub flow_log: Sink,
+    /// Flow records kept in memory for `egret flows`.
+    pub flow_history: usize,
 }
 
 #[derive(Debug, Error)]
@@ -189,12 +191,13 @@ pub async fn run(
         live.addresses.clone(),
         live.tier_rules.clone(),
         metrics.denied_flows.clone(),
+        config.flow_history,
     );
     if let Some(addr) = config.admin_addr {
         let admin = http::Admin {
             live: Arc::clone(&live),
             health: Arc::clone(&health),
-            flows: flow_log.recent.clone(),
+            flows: flow_log.history.clone(),
             attach_mode: config.attach.name(),
         };
         let server = http::serve_admin(addr, admin, wait_for(shutdown_rx.clone()));

@@ -84,11 +84,23 @@ const TC_PROGRAMS: [TcProgram; 2] = [TO_POD, FROM_POD];
 /// Default pin directory on a node.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egret";
 
+/// What to do when the pin directory is not on a bpffs. `ip netns exec` mounts a fresh
+/// /sys without the host's bpffs: the usual way to meet these errors.
+const BPFFS_HINT: &str = "; pinned maps and links need a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or pass --bpffs a directory on one; under `ip netns exec`, which mounts a /sys without the host's bpffs, run in the host's mount namespace instead (nsenter --net=/run/netns/NAME egret run ...)";
+
 #[derive(Debug, Error)]
 pub enum DatapathError {
-    #[error("{} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)", path.display())]
+    #[error("{} is not on a bpf filesystem{BPFFS_HINT}", path.display())]
     NotBpffs { path: PathBuf },
-    #[error("cannot create pin directory {}: {source}", path.display())]
+    #[error(
+        "cannot create pin directory {}: {source}{}{BPFFS_HINT}",
+        path.display(),
+        if source.kind() == std::io::ErrorKind::NotFound {
+            " (no bpf filesystem is mounted above it in this mount namespace)"
+        } else {
+            ""
+        }
+    )]
     PinDir {
         path: PathBuf,
         source: std::io::Error,

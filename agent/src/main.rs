@@ -1,9 +1,11 @@
 //! The `egret` binary: the only place errors meet the user.
 
+mod table;
+
 use std::{
-    io::{BufRead as _, Write as _},
+    io::{BufRead as _, IsTerminal as _, Write as _},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -12,11 +14,12 @@ use egret::{
     admin_client,
     agent::{self, AttachMode, Established, GlobalMode, UnknownPod},
     datapath::{self, Capacities, DEFAULT_PIN_DIR},
-    observe::flows::Sink,
+    observe::flows::{DEFAULT_FLOW_HISTORY, FlowQuery, FlowRecord, Sink, Timestamp},
     simulate::Simulator,
     source::manifest,
 };
 use egret_common::{Verdict, maps::Timeouts};
+use table::{Align, Table};
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +28,7 @@ use egret_common::{Verdict, maps::Timeouts};
     about = "eBPF egress firewall for Kubernetes NetworkPolicies"
 )]
 struct Cli {
-    /// Log format.
+    /// Log format (logs go to stderr; text is coloured only on a terminal).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -58,14 +61,15 @@ enum Command {
         #[arg(long)]
         queries: PathBuf,
     },
-    /// What the running agent enforces: endpoints, policies, map fill, readiness.
+    /// Show what the running agent enforces: endpoints, policies, map fill, readiness.
     Status {
         #[command(flatten)]
         agent: AgentAddr,
+        /// Text (a table) or JSON.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Would this flow be allowed, by the live tables, and why.
+    /// Explain whether a flow would be allowed by the running agent's tables, and why.
     Explain {
         /// Source pod, namespace/name (a pod on this node).
         #[arg(long)]
@@ -81,10 +85,11 @@ enum Command {
         protocol: String,
         #[command(flatten)]
         agent: AgentAddr,
+        /// Text or JSON.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Follow the flow log of the running agent.
+    /// Print the running agent's recent flows (the last 20 by default), or follow new ones.
     Flows {
         /// Only flows from this namespace.
         #[arg(long)]
@@ -95,11 +100,22 @@ enum Command {
         /// Only this verdict: `allow`, `deny` or `audit_deny`.
         #[arg(long)]
         verdict: Option<String>,
-        /// Stop after this many flows.
-        #[arg(long)]
+        /// Only flows since this long ago (`90s`, `5m`, `1h`) or this RFC 3339 time.
+        #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+        since: Option<Timestamp>,
+        /// Only the last N of the recent flows that match.
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
+        /// Keep printing new flows as they come (after the recent ones --since or --last
+        /// asks for).
+        #[arg(long, short)]
+        follow: bool,
+        /// Stop after printing this many flows.
+        #[arg(long, value_name = "N")]
         limit: Option<usize>,
         #[command(flatten)]
         agent: AgentAddr,
+        /// Text (a table) or JSON lines, as in the flow log.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -108,11 +124,13 @@ enum Command {
         /// Pin directory of the running agent.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         bpffs: PathBuf,
+        /// Text (a table) or JSON lines.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Remove everything Egret attached and pinned (enforcement stops).
     Cleanup {
+        /// Pin directory of the agent.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         bpffs: PathBuf,
     },
@@ -149,6 +167,10 @@ struct RunArgs {
     /// Log new allowed flows too, not only denials.
     #[arg(long)]
     flow_log_allowed: bool,
+    /// Flow records kept in memory for `egret flows` to show after the fact (under 1 KiB
+    /// each); 0 keeps none.
+    #[arg(long, default_value_t = DEFAULT_FLOW_HISTORY)]
+    flow_history: usize,
     /// This node's name: pods with this spec.nodeName are enforced here.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -239,32 +261,31 @@ fn main() -> anyhow::Result<()> {
                 admin_client::encode(&protocol)
             );
             let answer = admin_client::get_json(agent.addr, &path)?;
-            print_explain(&answer, output);
+            print_explain(&answer, output)?;
             Ok(())
         }
         Command::Flows {
             namespace,
             pod,
             verdict,
+            since,
+            last,
+            follow,
             limit,
             agent,
             output,
         } => {
-            let mut shown = 0;
-            admin_client::follow(agent.addr, "/v1/flows", |flow| {
-                let source = &flow["source"];
-                let keep = namespace
-                    .as_deref()
-                    .is_none_or(|n| source["namespace"] == n)
-                    && pod.as_deref().is_none_or(|p| source["pod"] == p)
-                    && verdict.as_deref().is_none_or(|v| flow["verdict"] == v);
-                if keep {
-                    print_flow(&flow, output);
-                    shown += 1;
-                }
-                limit.is_none_or(|limit| shown < limit)
-            })?;
-            Ok(())
+            // Like `hubble observe`: the last few flows, unless asked for more or to follow.
+            let last = last.or((!follow && since.is_none()).then_some(DEFAULT_LAST_FLOWS));
+            let query = FlowQuery {
+                namespace,
+                pod,
+                verdict,
+                since,
+                last,
+                follow,
+            };
+            flows(agent.addr, &query, limit, output)
         }
         Command::Cleanup { bpffs } => {
             let removed = datapath::cleanup(&bpffs)
@@ -276,6 +297,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9091";
+/// What `egret flows` prints with neither `--last`, `--since` nor `--follow`.
+const DEFAULT_LAST_FLOWS: usize = 20;
 const FLOW_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 
 /// `--metrics-addr`: an address, or `off`.
@@ -292,6 +315,19 @@ fn parse_metrics_addr(value: &str) -> Result<MetricsAddr, String> {
         .map_err(|e| format!("{value:?} is not host:port or `off`: {e}"))
 }
 
+/// `--since`: a duration back from now, or an RFC 3339 time.
+fn parse_since(value: &str) -> Result<Timestamp, String> {
+    if let Ok(ago) = humantime::parse_duration(value) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .map(Timestamp)
+            .ok_or_else(|| format!("{value:?} reaches before 1970"));
+    }
+    value.parse().map_err(|_| {
+        format!("{value:?} is neither a duration (`90s`, `5m`, `1h`) nor an RFC 3339 time")
+    })
+}
+
 /// The `tracing` target of the kernel programs' log records.
 const KERNEL_LOG_TARGET: &str = "egret::kernel";
 
@@ -306,8 +342,10 @@ fn init_logging(format: LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: not in files, pipes, `kubectl logs`.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -328,6 +366,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         metrics_addr: args.metrics_addr.0,
         admin_addr: args.admin_addr.0,
+        flow_history: args.flow_history,
         flow_log: if args.flow_log.as_os_str() == "-" {
             Sink::Stdout
         } else {
@@ -387,6 +426,9 @@ fn simulate(manifests: &std::path::Path, queries: &std::path::Path) -> anyhow::R
     for problem in &loaded.problems {
         tracing::warn!("{problem}");
     }
+    for unread in &loaded.unread {
+        tracing::info!("{unread}");
+    }
     let simulator = Simulator::new(&loaded.snapshot);
     let input: Box<dyn std::io::BufRead> = if queries.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -411,6 +453,14 @@ fn counters(pin_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
         datapath::read_endpoints(pin_dir).context("reading endpoints (is an agent running?)")?;
     let counters = datapath::read_counters(pin_dir).context("reading counters")?;
     let mut stdout = std::io::stdout().lock();
+    let mut table = Table::new(&[
+        ("ENDPOINT", Align::Right),
+        ("IFINDEX", Align::Right),
+        ("VERDICT", Align::Left),
+        ("REASON", Align::Left),
+        ("PACKETS", Align::Right),
+        ("BYTES", Align::Right),
+    ]);
     for (key, value) in counters {
         let ifindex = endpoints
             .iter()
@@ -435,25 +485,27 @@ fn counters(pin_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
                     "bytes": value.bytes,
                 })
             )?,
-            Output::Text => writeln!(
-                stdout,
-                "endpoint {:>5} ifindex {:>6} {:<10} {:<16} packets {:>10} bytes {:>12}",
-                key.endpoint,
+            Output::Text => table.row(vec![
+                key.endpoint.to_string(),
                 ifindex.map_or_else(|| "-".to_owned(), |i| i.to_string()),
-                verdict,
-                reason,
-                value.packets,
-                value.bytes
-            )?,
+                verdict.to_owned(),
+                reason.to_owned(),
+                value.packets.to_string(),
+                value.bytes.to_string(),
+            ]),
         }
+    }
+    if matches!(output, Output::Text) {
+        table.print(&mut stdout)?;
     }
     Ok(())
 }
 
 fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
     let status = admin_client::get_json(addr, "/v1/status")?;
+    let mut stdout = std::io::stdout().lock();
     if matches!(output, Output::Json) {
-        println!("{status}");
+        writeln!(stdout, "{status}")?;
         return Ok(());
     }
     let yes = |v: &serde_json::Value| {
@@ -463,75 +515,82 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
             "no"
         }
     };
-    println!(
+    writeln!(
+        stdout,
         "node {}   ready {}   healthy {}   attach {}   policies {}",
         status["node"].as_str().unwrap_or("?"),
         yes(&status["ready"]),
         yes(&status["healthy"]),
         status["attach_mode"].as_str().unwrap_or("?"),
         status["policies"]
-    );
-    println!(
+    )?;
+    writeln!(
+        stdout,
         "last reconcile {} ({:.1} ms)",
         status["last_reconcile"].as_str().unwrap_or("never"),
         status["last_reconcile_ms"].as_f64().unwrap_or(0.0)
-    );
+    )?;
     let stale: Vec<egret::observe::StaleSource> =
         serde_json::from_value(status["stale_sources"].clone()).unwrap_or_default();
     if stale.is_empty() {
-        println!("sources current\n");
-    } else {
-        for source in &stale {
-            println!("STALE {source}");
-        }
-        println!();
+        writeln!(stdout, "sources current")?;
     }
-    println!(
-        "{:<32} {:<13} {:<26} {:<34} ISOLATED BY",
-        "ENDPOINT", "STATE", "ATTACHED TO", "IPS"
-    );
+    for source in &stale {
+        writeln!(stdout, "STALE {source}")?;
+    }
+    writeln!(stdout)?;
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut endpoints = Table::new(&[
+        ("ENDPOINT", Align::Left),
+        ("STATE", Align::Left),
+        ("ATTACHED TO", Align::Left),
+        ("IPS", Align::Left),
+        ("ISOLATED BY", Align::Left),
+    ]);
     for endpoint in status["endpoints"].as_array().into_iter().flatten() {
-        let list = |v: &serde_json::Value| {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        println!(
-            "{:<32} {:<13} {:<26} {:<34} {}",
+        endpoints.row(vec![
             format!(
                 "{}/{}",
                 endpoint["namespace"].as_str().unwrap_or(""),
                 endpoint["pod"].as_str().unwrap_or("")
             ),
-            endpoint["state"].as_str().unwrap_or(""),
-            endpoint["attachment"].as_str().unwrap_or("-"),
+            endpoint["state"].as_str().unwrap_or("").to_owned(),
+            endpoint["attachment"].as_str().unwrap_or("-").to_owned(),
             list(&endpoint["ips"]),
             policies_of(
                 &list(&endpoint["isolated_by"]),
-                &list(&endpoint["cluster_policies"])
-            )
-        );
+                &list(&endpoint["cluster_policies"]),
+            ),
+        ]);
     }
-    println!(
-        "\n{:<16} {:>10} {:>10} {:>7}",
-        "MAP", "ENTRIES", "CAPACITY", "FILL"
-    );
+    endpoints.print(&mut stdout)?;
+    writeln!(stdout)?;
+    let mut maps = Table::new(&[
+        ("MAP", Align::Left),
+        ("ENTRIES", Align::Right),
+        ("CAPACITY", Align::Right),
+        ("FILL", Align::Right),
+    ]);
     for map in status["maps"].as_array().into_iter().flatten() {
         let (entries, capacity) = (
             map["entries"].as_f64().unwrap_or(0.0),
             map["capacity"].as_f64().unwrap_or(1.0),
         );
-        println!(
-            "{:<16} {:>10} {:>10} {:>6.1}%",
-            map["map"].as_str().unwrap_or(""),
-            map["entries"],
-            map["capacity"],
-            100.0 * entries / capacity.max(1.0)
-        );
+        maps.row(vec![
+            map["map"].as_str().unwrap_or("").to_owned(),
+            map["entries"].to_string(),
+            map["capacity"].to_string(),
+            format!("{:.1}%", 100.0 * entries / capacity.max(1.0)),
+        ]);
     }
+    maps.print(&mut stdout)?;
     Ok(())
 }
 
@@ -546,10 +605,10 @@ fn policies_of(isolated_by: &str, cluster_policies: &str) -> String {
     }
 }
 
-fn print_explain(answer: &serde_json::Value, output: Output) {
+fn print_explain(answer: &serde_json::Value, output: Output) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
     if matches!(output, Output::Json) {
-        println!("{answer}");
-        return;
+        return writeln!(stdout, "{answer}");
     }
     let list = |v: &serde_json::Value| {
         v.as_array()
@@ -570,7 +629,8 @@ fn print_explain(answer: &serde_json::Value, output: Output) {
             owner["name"].as_str().unwrap_or("")
         )
     };
-    println!(
+    writeln!(
+        stdout,
         "{} {} -> {}{} {}/{}: {}",
         answer["verdict"].as_str().unwrap_or("?").to_uppercase(),
         answer["from"].as_str().unwrap_or(""),
@@ -579,62 +639,125 @@ fn print_explain(answer: &serde_json::Value, output: Output) {
         answer["protocol"].as_str().unwrap_or(""),
         answer["port"],
         answer["reason"].as_str().unwrap_or("")
-    );
+    )?;
+    let mut details = Vec::new();
     let passed_over = list(&answer["passed_over_rules"]);
     if !passed_over.is_empty() {
-        println!("  passed over: {passed_over}");
+        details.push(("passed over", passed_over));
     }
     if let Some(rule) = answer["decided_by_rule"].as_str() {
-        println!("  decided by: {rule}");
-        return;
-    }
-    match answer["verdict"].as_str() {
-        Some("allow") if !list(&answer["allowed_by"]).is_empty() => {
-            println!("  allowed by: {}", list(&answer["allowed_by_rules"]));
+        details.push(("decided by", rule.to_owned()));
+    } else {
+        match answer["verdict"].as_str() {
+            Some("allow") if !list(&answer["allowed_by"]).is_empty() => {
+                details.push(("allowed by", list(&answer["allowed_by_rules"])));
+            }
+            Some("allow") => details.push(("allowed by", "no policy isolates the pod".to_owned())),
+            _ => details.push((
+                "isolated by",
+                format!(
+                    "{} (no rule of theirs allows it)",
+                    list(&answer["isolated_by"])
+                ),
+            )),
         }
-        Some("allow") => println!("  no policy isolates the pod"),
-        _ => println!(
-            "  isolated by: {} (no rule of theirs allows it)",
-            list(&answer["isolated_by"])
-        ),
     }
+    table::print_details(&mut stdout, &details)
 }
 
-fn print_flow(flow: &serde_json::Value, output: Output) {
-    if matches!(output, Output::Json) {
-        println!("{flow}");
-        return;
+/// `egret flows`: the agent answers with the flows `query` asks for, one JSON line each.
+fn flows(
+    addr: std::net::SocketAddr,
+    query: &FlowQuery,
+    limit: Option<usize>,
+    output: Output,
+) -> anyhow::Result<()> {
+    const COLUMNS: [(&str, Align); 8] = [
+        ("TIME", Align::Left),
+        ("VERDICT", Align::Left),
+        ("SOURCE", Align::Left),
+        ("DESTINATION", Align::Left),
+        ("PROTO", Align::Left),
+        ("COUNT", Align::Right),
+        ("REASON", Align::Left),
+        ("DECIDED BY", Align::Left),
+    ];
+    /// Room for typical cells, so a followed stream stays aligned from its first rows.
+    const MINIMUM_WIDTHS: [usize; 8] = [24, 10, 28, 34, 5, 5, 14, 0];
+    let mut stdout = std::io::stdout().lock();
+    let mut table = Table::new(&COLUMNS);
+    let mut streaming = None;
+    if query.follow && matches!(output, Output::Text) {
+        streaming = Some(Table::streaming(&COLUMNS, &MINIMUM_WIDTHS, &mut stdout)?);
+        stdout.flush()?;
     }
-    let name = |end: &serde_json::Value| match (
-        end["namespace"].as_str(),
-        end["pod"].as_str(),
-        end["service"].as_str(),
-    ) {
-        (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
-        (Some(ns), None, Some(service)) => format!("svc {ns}/{service}"),
-        _ => "-".to_owned(),
+    let (mut shown, mut failure) = (0, None);
+    admin_client::follow(addr, &query.path(), |line| {
+        let printed = match output {
+            Output::Json => writeln!(stdout, "{line}").and_then(|()| stdout.flush()),
+            Output::Text => serde_json::from_value::<FlowRecord>(line)
+                .map_err(|error| {
+                    std::io::Error::other(format!(
+                        "the agent sent a flow record this egret cannot read \
+                         (are they different versions?): {error}"
+                    ))
+                })
+                .and_then(|record| {
+                    let row = flow_row(&record);
+                    if let Some(streaming) = &mut streaming {
+                        streaming
+                            .row(&mut stdout, &row)
+                            .and_then(|()| stdout.flush())
+                    } else {
+                        table.row(row);
+                        Ok(())
+                    }
+                }),
+        };
+        if let Err(error) = printed {
+            failure = Some(error);
+            return false;
+        }
+        shown += 1;
+        limit.is_none_or(|limit| shown < limit)
+    })?;
+    if let Some(error) = failure {
+        return Err(error.into());
+    }
+    if streaming.is_none() && matches!(output, Output::Text) {
+        table.print(&mut stdout)?;
+    }
+    Ok(())
+}
+
+/// A flow's cells under `egret flows`' columns.
+fn flow_row(flow: &FlowRecord) -> Vec<String> {
+    let name =
+        |end: &egret::observe::flows::Endpoint| match (&end.namespace, &end.pod, &end.service) {
+            (Some(ns), Some(pod), _) => Some(format!("{ns}/{pod}")),
+            (Some(ns), None, Some(service)) => Some(format!("svc {ns}/{service}")),
+            _ => None,
+        };
+    let at = |end: &egret::observe::flows::Endpoint, address: String| {
+        name(end).map_or_else(|| address.clone(), |name| format!("{name} ({address})"))
     };
-    let port = flow["destination"]["port"]
-        .as_u64()
-        .map(|p| format!(":{p}"))
-        .unwrap_or_default();
-    println!(
-        "{} {:<10} {} ({}) -> {}{} [{}] {} x{}  policies: {}",
-        flow["time"].as_str().unwrap_or(""),
-        flow["verdict"].as_str().unwrap_or(""),
-        name(&flow["source"]),
-        flow["source"]["ip"].as_str().unwrap_or(""),
-        flow["destination"]["ip"].as_str().unwrap_or(""),
-        port,
-        name(&flow["destination"]),
-        flow["protocol"].as_str().unwrap_or(""),
-        flow["count"],
-        flow["policies"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
+    let destination = flow.destination.port.map_or_else(
+        || flow.destination.ip.to_string(),
+        |port| std::net::SocketAddr::new(flow.destination.ip, port).to_string(),
     );
+    let decided_by = match (&flow.rule, flow.policies.is_empty()) {
+        (Some(rule), _) => rule.clone(),
+        (None, false) => flow.policies.join(","),
+        (None, true) => "-".to_owned(),
+    };
+    vec![
+        flow.time.to_string(),
+        flow.verdict.clone(),
+        at(&flow.source, flow.source.ip.to_string()),
+        at(&flow.destination, destination),
+        flow.protocol.clone(),
+        flow.count.to_string(),
+        flow.reason.clone(),
+        decided_by,
+    ]
 }

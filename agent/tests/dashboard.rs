@@ -8,6 +8,14 @@
 //! appear there only once pinned maps hold data, so they are listed by hand below.
 //! Label names are checked too: a matcher or grouping on a label no metric of the query
 //! has is an empty panel.
+//!
+//! Then the real thing (`dashboard/prometheus.rs`, privileged): Debian's Prometheus
+//! scrapes a real agent while pods send traffic, and every query of the dashboard must
+//! return the series its panel plots.
+
+mod common;
+#[path = "dashboard/prometheus.rs"]
+mod prometheus;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -63,15 +71,32 @@ fn title(panel: &Value) -> &str {
     panel["title"].as_str().unwrap_or("(untitled)")
 }
 
-/// Every `(where, PromQL)` the dashboard runs: panel targets and variable queries.
-fn queries(dashboard: &Value) -> Vec<(String, String)> {
+/// A query the dashboard runs.
+#[derive(Clone, Debug)]
+struct Query {
+    /// `panel "Title"` or `variable "name"`.
+    place: String,
+    expr: String,
+    /// The panel's `legendFormat` (`{{namespace}}/{{pod}}`); empty for variables.
+    legend: String,
+    /// The label a `label_values(…, label)` variable lists.
+    variable_label: Option<String>,
+}
+
+/// Every query the dashboard runs: panel targets and variable queries.
+fn queries(dashboard: &Value) -> Vec<Query> {
     let mut queries = Vec::new();
     for panel in panels(dashboard) {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"]
                 .as_str()
                 .unwrap_or_else(|| panic!("panel {:?}: a target without expr", title(panel)));
-            queries.push((format!("panel {:?}", title(panel)), expr.to_owned()));
+            queries.push(Query {
+                place: format!("panel {:?}", title(panel)),
+                expr: expr.to_owned(),
+                legend: target["legendFormat"].as_str().unwrap_or("").to_owned(),
+                variable_label: None,
+            });
         }
     }
     for variable in dashboard["templating"]["list"]
@@ -84,14 +109,15 @@ fn queries(dashboard: &Value) -> Vec<(String, String)> {
             .or_else(|| variable["query"].as_str())
             .unwrap_or_default();
         // `label_values(METRIC_SELECTOR, label)`: the selector is PromQL, the label is not.
-        let selector = query
+        let split = query
             .strip_prefix("label_values(")
-            .and_then(|rest| rest.rsplit_once(','))
-            .map_or(query, |(selector, _)| selector);
-        queries.push((
-            format!("variable {:?}", variable["name"].as_str().unwrap_or("")),
-            selector.to_owned(),
-        ));
+            .and_then(|rest| rest.rsplit_once(','));
+        queries.push(Query {
+            place: format!("variable {:?}", variable["name"].as_str().unwrap_or("")),
+            expr: split.map_or(query, |(selector, _)| selector).to_owned(),
+            legend: String::new(),
+            variable_label: split.map(|(_, label)| label.trim_end_matches(')').trim().to_owned()),
+        });
     }
     queries
 }
@@ -123,7 +149,7 @@ fn populated_metrics() -> Metrics {
         namespace: "shop".to_owned(),
         pod: "web".to_owned(),
         policy_set: "shop/default-deny".to_owned(),
-        tier: "networkpolicy",
+        tier: "networkpolicy".to_owned(),
     };
     metrics.denied_flows.get_or_create(&denied).inc();
     metrics
@@ -364,7 +390,7 @@ fn every_metric_on_the_dashboard_is_one_the_agent_exposes() {
     let queries = queries(&dashboard);
     assert!(!queries.is_empty(), "the dashboard runs queries");
     let mut used = BTreeSet::new();
-    for (place, expr) in &queries {
+    for Query { place, expr, .. } in &queries {
         let reads = reads(expr);
         assert!(
             !reads.selectors.is_empty(),

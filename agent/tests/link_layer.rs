@@ -35,7 +35,7 @@ const CLIENT_TO_SERVER_8080: &str = "[{to: [{podSelector: {matchLabels: {app: se
 
 /// client (app: client), server (app: server), other (app: other) in `shop`, each with a TCP
 /// and UDP echo on 8080, and an agent enforcing `policies`.
-struct Site {
+struct Shop {
     site: site::Site,
     client: Pod,
     server: Pod,
@@ -43,7 +43,7 @@ struct Site {
     agent: AgentProcess,
 }
 
-impl Site {
+impl Shop {
     fn new(policies: &str) -> Self {
         let site = site::Site::new(&site::SHOP, policies);
         let agent = site.start(&[]);
@@ -101,7 +101,7 @@ fn tagged_and_non_ip_frames_from_an_isolated_pod_are_dropped() {
     if !egret_testbed::require_root("tagged_and_non_ip_frames_from_an_isolated_pod_are_dropped") {
         return;
     }
-    let site = Site::new(&egress_policy(
+    let site = Shop::new(&egress_policy(
         "client",
         "client",
         CLIENT_TO_SERVER_8080,
@@ -175,7 +175,7 @@ fn neighbour_solicitation_to_a_global_address_is_dropped_while_ipv6_works() {
     ) {
         return;
     }
-    let site = Site::new(&egress_policy(
+    let site = Shop::new(&egress_policy(
         "client",
         "client",
         CLIENT_TO_SERVER_8080,
@@ -244,7 +244,7 @@ fn an_isolated_udp_servers_port_unreachable_reaches_the_client() {
     if !egret_testbed::require_root("an_isolated_udp_servers_port_unreachable_reaches_the_client") {
         return;
     }
-    let site = Site::new(&egress_policy("server", "server", "[]", ""));
+    let site = Shop::new(&egress_policy("server", "server", "[]", ""));
     // Port 9999 is closed: the server's stack answers port unreachable, which its policy
     // allows only as an error about the client's datagram.
     for dst in [site.server.addr_v4(9999), site.server.addr_v6(9999)] {
@@ -273,7 +273,7 @@ fn a_4000_byte_udp_reply_from_an_isolated_server_arrives_whole() {
     if !egret_testbed::require_root("a_4000_byte_udp_reply_from_an_isolated_server_arrives_whole") {
         return;
     }
-    let site = Site::new(&egress_policy("server", "server", "[]", ""));
+    let site = Shop::new(&egress_policy("server", "server", "[]", ""));
     for dst in [site.server.addr_v4(8080), site.server.addr_v6(8080)] {
         let outcome = egret_testbed::run_in_netns(site.client.netns(), || large_echo(dst, 4_000));
         assert!(
@@ -318,7 +318,7 @@ fn fragmentation_needed_about_an_allowed_flow_reaches_the_client() {
     {
         return;
     }
-    let site = Site::new(&egress_policy("server", "server", "[]", ""));
+    let site = Shop::new(&egress_policy("server", "server", "[]", ""));
     let server = SocketAddrV4::new(site.server.ipv4(), 8080);
     // A connection the client opened to the isolated server, echoing.
     let stream = egret_testbed::run_in_netns(site.client.netns(), || {
@@ -362,7 +362,7 @@ fn kernel_diagnostics_reach_the_log_only_when_asked() {
     if !egret_testbed::require_root("kernel_diagnostics_reach_the_log_only_when_asked") {
         return;
     }
-    let mut site = Site::new(&egress_policy(
+    let mut site = Shop::new(&egress_policy(
         "client",
         "client",
         CLIENT_TO_SERVER_8080,
@@ -370,7 +370,7 @@ fn kernel_diagnostics_reach_the_log_only_when_asked() {
     ));
     // An IPv4 ethertype over a header of version 5: the parser gives up on it.
     let malformed = frames::ethertype_frame(ETH_P_IP, &[0x55; 40]);
-    let send = |site: &Site| {
+    let send = |site: &Shop| {
         flood::send_frames(site.client.netns(), "eth0", &copies(&malformed)).expect("sent");
     };
     send(&site);

@@ -105,6 +105,7 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
             &topology,
             &[
                 "flows",
+                "--follow",
                 "--namespace",
                 "shop",
                 "--pod",

@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: a small cluster in network namespaces, the agent enforcing example
-//! policies on it, and a table of what each probed flow was expected to do and did.
+//! policies on it, a table of what each probed flow was expected to do and did, then
+//! what the agent shows of it: `egret status`, metrics and the flow log.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -11,6 +12,8 @@ use egret_testbed::{
 };
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// Flow-log records the demo shows after the metrics.
+const FLOW_LOG_LINES: usize = 6;
 
 const POLICIES: &str = r"# The API may only talk to the database, on its named port.
 apiVersion: networking.k8s.io/v1
@@ -127,6 +130,20 @@ pub fn run(agent: &Path) -> anyhow::Result<()> {
     print!("{}", String::from_utf8_lossy(&status.stdout));
     println!("\nMetrics excerpt (GET /metrics on the node):");
     for line in metrics(&topology)?.lines().filter(|l| is_excerpt(l)) {
+        println!("  {line}");
+    }
+    // The other half of the story: which flows were denied, to where, and by what.
+    println!("\nFlow log, the last {FLOW_LOG_LINES} flows (egret flows --last {FLOW_LOG_LINES}):");
+    let last = FLOW_LOG_LINES.to_string();
+    let flow_log = egret
+        .command(&topology, &["flows", "--last", &last])
+        .output()?;
+    let shown = if flow_log.status.success() {
+        &flow_log.stdout
+    } else {
+        &flow_log.stderr
+    };
+    for line in String::from_utf8_lossy(shown).lines() {
         println!("  {line}");
     }
     drop(egret);

@@ -28,6 +28,10 @@ enum Task {
     },
     /// Run every test, the privileged network tests included (needs root).
     Test {
+        /// Skip the image test. Without this flag, podman is installed from Debian where
+        /// no engine is present, and the test is skipped, saying why, only if that fails.
+        #[arg(long)]
+        no_image: bool,
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
         cargo_args: Vec<String>,
@@ -52,7 +56,7 @@ enum Task {
         output: Option<std::path::PathBuf>,
     },
     /// Build the agent's container image from the Dockerfile, with docker, podman or
-    /// buildah (whichever works here).
+    /// buildah (whichever works here; podman is installed from Debian where none does).
     Image {
         /// Name and tag of the image.
         #[arg(long, default_value = "egret:dev")]
@@ -60,6 +64,15 @@ enum Task {
         /// Use this engine instead of the first one that works.
         #[arg(long, value_enum)]
         engine: Option<image::Engine>,
+        /// Copy this agent binary, built on this machine (e.g. target/release/egret),
+        /// into the image instead of compiling it in the build stage. It must need no
+        /// newer glibc than Debian 12's.
+        #[arg(long, value_name = "PATH")]
+        prebuilt: Option<std::path::PathBuf>,
+        /// Runtime base image [default: gcr.io/distroless/cc-debian12, or where it cannot
+        /// be pulled, localhost/egret-base:bookworm, made here from Debian packages].
+        #[arg(long, value_name = "IMAGE")]
+        base: Option<String>,
     },
 }
 
@@ -70,9 +83,12 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build_agent(release).map(|_| ())
         }
-        Task::Test { cargo_args } => {
+        Task::Test {
+            no_image,
+            cargo_args,
+        } => {
             setup::run()?;
-            test(&cargo_args)
+            test(&cargo_args, !no_image)
         }
         Task::Bench {
             report_only: true,
@@ -89,7 +105,17 @@ fn main() -> anyhow::Result<()> {
             let agent = build_agent(true)?;
             demo::run(&agent)
         }
-        Task::Image { tag, engine } => image::run(&tag, engine),
+        Task::Image {
+            tag,
+            engine,
+            prebuilt,
+            base,
+        } => image::run(&image::Options {
+            tag,
+            engine,
+            prebuilt,
+            base,
+        }),
     }
 }
 
@@ -126,11 +152,32 @@ fn workspace_root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
-fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+fn test(cargo_args: &[String], image_test: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the network tests need root: run `cargo xtask test` as root");
     }
     let mut command = cargo();
+    // agent/tests/image.rs builds the image through this very binary, and runs it with
+    // podman; without EGRET_XTASK it is skipped, printing EGRET_IMAGE_TEST_SKIP.
+    let skip_image = if image_test {
+        image::podman_for_tests()
+            .err()
+            .map(|error| format!("no container engine: {error:#}"))
+    } else {
+        Some("cargo xtask test --no-image".to_owned())
+    };
+    match skip_image {
+        None => {
+            let xtask = std::env::current_exe().context("locating the xtask binary")?;
+            command.env("EGRET_XTASK", xtask);
+        }
+        Some(reason) => {
+            eprintln!("test: skipping the image test: {reason}");
+            command
+                .env_remove("EGRET_XTASK")
+                .env("EGRET_IMAGE_TEST_SKIP", reason);
+        }
+    }
     // The kernel crate only builds for the BPF target (agent/build.rs builds it).
     command.args([
         "test",

@@ -9,7 +9,8 @@ use anyhow::{Context as _, bail};
 use crate::{cargo, is_root, run_command};
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc 1.95 uses LLVM 22), and the tools the
-/// network tests, the demo and the benchmarks drive.
+/// network tests, the demo and the benchmarks drive (`prometheus`: the dashboard test
+/// runs its own server, scraping a test agent).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "ipset",
     "conntrack",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -55,13 +57,24 @@ fn install_helm_renderer() -> anyhow::Result<()> {
 }
 
 fn install_apt_packages() -> anyhow::Result<()> {
+    let installed = install_debian_packages(APT_PACKAGES)?;
+    if installed.contains(&"prometheus") {
+        stop_prometheus_service();
+    }
+    Ok(())
+}
+
+/// Installs those of `packages` that are missing (root only) and returns them: setup's
+/// own list, and what other tasks need only when they run (the container engine of
+/// `cargo xtask image`).
+pub fn install_debian_packages<'a>(packages: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {
     let output = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Status}\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output()
         .context("running dpkg-query (is this a Debian-based machine?)")?;
     let listed = String::from_utf8_lossy(&output.stdout);
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| {
@@ -71,7 +84,7 @@ fn install_apt_packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(missing);
     }
     require_root(&format!("install {}", missing.join(" ")))?;
     eprintln!("setup: installing {}", missing.join(" "));
@@ -81,7 +94,25 @@ fn install_apt_packages() -> anyhow::Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    Ok(missing)
+}
+
+/// Debian's package starts a Prometheus service where services run (systemd; not in
+/// containers, whose `policy-rc.d` forbids it). The tests run their own server, so
+/// setup leaves no scraper running on the machine.
+fn stop_prometheus_service() {
+    if !Path::new("/run/systemd/system").is_dir() {
+        return;
+    }
+    eprintln!("setup: disabling the prometheus service (the tests start their own)");
+    let stopped = Command::new("systemctl")
+        .args(["disable", "--now", "prometheus"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if !stopped {
+        eprintln!("setup: could not disable the prometheus service; it may be running");
+    }
 }
 
 /// `-Z build-std=core` needs the standard library's source for the toolchain that

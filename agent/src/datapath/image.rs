@@ -59,9 +59,7 @@ impl KernelImage {
             image.cidrs.insert(cidr_key(*endpoint, *net), *class);
         }
         for (key, allowance) in &tables.policy {
-            image
-                .policy
-                .insert(policy_key(key), allowance.value);
+            image.policy.insert(policy_key(key), allowance.value);
         }
         image
     }

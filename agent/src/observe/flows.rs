@@ -1,6 +1,9 @@
 //! The flow log: kernel flow events aggregated over a short window into one JSON line
 //! per flow, enriched with the pods and Services at both ends and the policies that
-//! isolate the source.
+//! isolate the source. The last records are kept in memory ([`FlowHistory`]) for
+//! `egret flows`.
+
+mod history;
 
 use std::{
     collections::BTreeMap,
@@ -19,8 +22,9 @@ use egret_common::{
 use prometheus_client::{
     encoding::EncodeLabelSet, metrics::counter::Counter, metrics::family::Family,
 };
-use serde::Serialize;
-use tokio::sync::broadcast;
+use serde::{Deserialize, Serialize};
+
+pub use self::history::{DEFAULT_FLOW_HISTORY, FlowHistory, FlowQuery, Timestamp};
 
 use super::{EndpointNames, kernel::verdict_name};
 use crate::{policy::cluster::TierRuleRef, state::ObjectKey};
@@ -53,7 +57,7 @@ pub struct AddressOwner {
 /// Addresses of known pods and Services, refreshed by the reconcile loop.
 pub type AddressBook = Arc<RwLock<BTreeMap<IpAddr, AddressOwner>>>;
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Endpoint {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
@@ -66,18 +70,18 @@ pub struct Endpoint {
     pub port: Option<u16>,
 }
 
-/// One line of the flow log.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+/// One line of the flow log, as the agent writes it and `egret flows` reads it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FlowRecord {
-    /// RFC 3339, when the window closed.
-    pub time: String,
+    /// When the window closed (RFC 3339, milliseconds, UTC).
+    pub time: Timestamp,
     /// `allow`, `deny` or `audit_deny`.
-    pub verdict: &'static str,
+    pub verdict: String,
     /// Counted, not dropped (audit mode or a staged policy).
     pub audit: bool,
-    pub reason: &'static str,
+    pub reason: String,
     /// The tier that decided: `admin`, `networkpolicy`, `baseline` or `none`.
-    pub tier: &'static str,
+    pub tier: String,
     /// The `ClusterNetworkPolicy` rule that decided (`name egress[i] (rule name)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -96,7 +100,7 @@ pub struct DeniedFlowLabels {
     pub pod: String,
     pub policy_set: String,
     /// See [`tier_of`].
-    pub tier: &'static str,
+    pub tier: String,
 }
 
 /// Where the log goes.
@@ -119,7 +123,8 @@ pub struct FlowLog {
     pub addresses: AddressBook,
     pub tier_rules: TierRules,
     pub denied_flows: Family<DeniedFlowLabels, Counter>,
-    pub recent: broadcast::Sender<FlowRecord>,
+    /// The last records, and every new one, for the admin API.
+    pub history: FlowHistory,
     pending: BTreeMap<FlowKey, u64>,
     /// Label sets of `denied_flows` created so far.
     series: std::collections::HashSet<DeniedFlowLabels>,
@@ -134,14 +139,14 @@ impl FlowLog {
         addresses: AddressBook,
         tier_rules: TierRules,
         denied_flows: Family<DeniedFlowLabels, Counter>,
+        history: usize,
     ) -> Self {
-        let (recent, _) = broadcast::channel(1024);
         Self {
             names,
             addresses,
             tier_rules,
             denied_flows,
-            recent,
+            history: FlowHistory::new(history),
             pending: BTreeMap::new(),
             series: std::collections::HashSet::new(),
             sink,
@@ -167,7 +172,7 @@ impl FlowLog {
         if self.pending.is_empty() {
             return;
         }
-        let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let time = Timestamp(SystemTime::now());
         let records: Vec<FlowRecord> = {
             let names = self
                 .names
@@ -195,11 +200,11 @@ impl FlowLog {
                             .and_then(|(rank, _)| tier_rules.get(rank as usize))
                             .map(ToString::to_string);
                         FlowRecord {
-                            time: time.clone(),
-                            verdict: verdict_name(verdict),
+                            time,
+                            verdict: verdict_name(verdict).to_owned(),
                             audit: verdict == Verdict::AuditDeny,
-                            reason: reason.map_or("unknown", Reason::name),
-                            tier: reason.map_or("none", tier_of),
+                            reason: reason.map_or("unknown", Reason::name).to_owned(),
+                            tier: reason.map_or("none", tier_of).to_owned(),
                             rule,
                             protocol: protocol_name(protocol),
                             source: Endpoint {
@@ -242,7 +247,7 @@ impl FlowLog {
                     namespace: namespace.clone(),
                     pod: pod.clone(),
                     policy_set: record.policies.join(","),
-                    tier: record.tier,
+                    tier: record.tier.clone(),
                 };
                 self.denied_flows.get_or_create(&labels).inc();
                 self.series.insert(labels);
@@ -251,8 +256,8 @@ impl FlowLog {
                 text.push_str(&line);
                 text.push('\n');
             }
-            let _ = self.recent.send(record.clone());
         }
+        self.history.extend(records);
         if let Err(error) = self.write(text.as_bytes()) {
             tracing::warn!(%error, "cannot write the flow log");
         }

@@ -4,7 +4,10 @@ use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
-use super::{Health, Metrics};
+use super::{
+    Health, Metrics,
+    flows::{FlowQuery, FlowRecord},
+};
 
 #[derive(Clone)]
 pub struct Observed {
@@ -79,7 +82,7 @@ async fn readyz(State(observed): State<Observed>) -> impl IntoResponse {
 pub struct Admin {
     pub live: Arc<super::Live>,
     pub health: Arc<Health>,
-    pub flows: tokio::sync::broadcast::Sender<super::flows::FlowRecord>,
+    pub flows: super::flows::FlowHistory,
     pub attach_mode: &'static str,
 }
 
@@ -236,17 +239,35 @@ async fn explain(
     }))
 }
 
-async fn flows(State(admin): State<Admin>) -> axum::response::Response {
-    let mut receiver = admin.flows.subscribe();
+/// `GET /v1/flows`: the kept flow records a [`FlowQuery`] asks for, one JSON line each,
+/// then, with `follow`, each new one as it comes.
+async fn flows(
+    State(admin): State<Admin>,
+    query: Result<axum::extract::Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    let query = match query {
+        Ok(axum::extract::Query(query)) => query,
+        Err(rejection) => {
+            return (StatusCode::BAD_REQUEST, format!("{rejection}\n")).into_response();
+        }
+    };
+    let (kept, mut receiver) = admin.flows.read(&query);
+    let line = |record: &FlowRecord| {
+        let mut line = serde_json::to_string(record).unwrap_or_default();
+        line.push('\n');
+        Ok::<_, std::convert::Infallible>(line)
+    };
     let stream = async_stream::stream! {
+        for record in &kept {
+            yield line(record);
+        }
+        if !query.follow {
+            return;
+        }
         loop {
             match receiver.recv().await {
-                Ok(record) => {
-                    let mut line = serde_json::to_string(&record).unwrap_or_default();
-                    line.push('\n');
-                    yield Ok::<_, std::convert::Infallible>(line);
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(record) if query.matches(&record) => yield line(&record),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }

@@ -1,8 +1,10 @@
 //! A directory of Kubernetes YAML (or JSON) as a cluster: Namespaces, Pods (with
 //! `status.podIP(s)`), `NetworkPolicies`, `ClusterNetworkPolicies`
 //! (`policy.networking.k8s.io/v1alpha2`), Services, `EndpointSlices`. Multi-document
-//! files and `List`s are fine. A broken document or object is reported (file, kind,
-//! name, field) and skipped; everything else still counts.
+//! files and `List`s are fine. A broken document or object, or one of these kinds in
+//! an apiVersion Egret does not read, is a problem (file, kind, name, field) and is
+//! skipped; everything else still counts. Documents of other kinds (Deployments,
+//! `ConfigMaps`, ...) are listed as [`Manifests::unread`], never skipped in silence.
 
 use std::{
     fmt,
@@ -17,7 +19,7 @@ use k8s_openapi::{
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use thiserror::Error;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::objects::{self, DEFAULT_NAMESPACE};
 use crate::{
@@ -33,8 +35,31 @@ use crate::{
 pub struct Manifests {
     pub snapshot: Snapshot,
     pub problems: Vec<ManifestError>,
+    /// Documents of kinds Egret does not read, in the order found.
+    pub unread: Vec<Unread>,
     /// Files read, in order.
     pub files: Vec<PathBuf>,
+}
+
+/// The kinds Egret reads, each in the one apiVersion it reads.
+pub const KINDS: [(&str, &str); 6] = [
+    ("Namespace", "v1"),
+    ("Pod", "v1"),
+    ("NetworkPolicy", "networking.k8s.io/v1"),
+    (cluster::KIND, cluster::API_VERSION),
+    ("Service", "v1"),
+    ("EndpointSlice", "discovery.k8s.io/v1"),
+];
+
+/// A document of a kind Egret does not read (a Deployment, a `ConfigMap`, ...): not a
+/// problem, but reported (at `info`) so that nothing is skipped in silence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unread(pub ObjectLocation);
+
+impl fmt::Display for Unread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: not a kind Egret reads; ignored", self.0)
+    }
 }
 
 /// Where a broken object was found.
@@ -69,6 +94,16 @@ pub enum ManifestError {
         file: PathBuf,
         document: usize,
         source: serde_yaml_ng::Error,
+    },
+    /// A kind Egret reads, in another apiVersion: nothing of the object is read.
+    #[error(
+        "{location}: apiVersion: {} (Egret reads {expected}); the object is skipped",
+        api_version.as_deref().map_or_else(|| "missing".to_owned(), |v| format!("{v:?} is not read"))
+    )]
+    UnknownApiVersion {
+        location: ObjectLocation,
+        api_version: Option<String>,
+        expected: &'static str,
     },
     #[error("{location}: {field}: {message}")]
     Malformed {
@@ -138,6 +173,7 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
     Ok(Manifests {
         snapshot: loader.snapshot,
         problems: loader.problems,
+        unread: loader.unread,
         files,
     })
 }
@@ -147,6 +183,7 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
 pub struct Loader {
     pub snapshot: Snapshot,
     pub problems: Vec<ManifestError>,
+    pub unread: Vec<Unread>,
     seen: std::collections::BTreeMap<(String, String), PathBuf>,
 }
 
@@ -184,22 +221,41 @@ impl Loader {
             return;
         }
         let location = locate(file, &kind, &value);
-        let namespaced_name = location.name.clone();
-        match kind.as_str() {
-            "Namespace" | "Pod" | "NetworkPolicy" | "Service" | "EndpointSlice" | cluster::KIND => {
-                if let Some(first) = self.seen.get(&(kind.clone(), namespaced_name.clone())) {
-                    self.problems.push(ManifestError::Duplicate {
-                        location,
-                        first: first.clone(),
-                    });
-                    return;
-                }
-                self.seen
-                    .insert((kind.clone(), namespaced_name), file.to_owned());
-            }
-            // Other kinds (Deployments, ConfigMaps, ...) are not ours to read.
-            _ => return,
+        if kind.is_empty() {
+            self.problems.push(ManifestError::Malformed {
+                location: ObjectLocation {
+                    kind: "(no kind)".to_owned(),
+                    ..location
+                },
+                field: "kind".to_owned(),
+                message: "missing; the document is skipped".to_owned(),
+            });
+            return;
         }
+        let Some(&(_, expected)) = KINDS.iter().find(|(known, _)| *known == kind) else {
+            // Other kinds (Deployments, ConfigMaps, ...) are not ours to read.
+            self.unread.push(Unread(location));
+            return;
+        };
+        let api_version = value.get("apiVersion").and_then(Value::as_str);
+        if api_version != Some(expected) {
+            self.problems.push(ManifestError::UnknownApiVersion {
+                location,
+                api_version: api_version.map(str::to_owned),
+                expected,
+            });
+            return;
+        }
+        let namespaced_name = location.name.clone();
+        if let Some(first) = self.seen.get(&(kind.clone(), namespaced_name.clone())) {
+            self.problems.push(ManifestError::Duplicate {
+                location,
+                first: first.clone(),
+            });
+            return;
+        }
+        self.seen
+            .insert((kind.clone(), namespaced_name), file.to_owned());
         let result = match kind.as_str() {
             "Namespace" => typed::<core::Namespace>(&location, &value)
                 .map(|ns| self.snapshot.insert_namespace(objects::namespace(&ns))),
@@ -301,17 +357,6 @@ impl Loader {
                 problem,
             },
         };
-        let api_version = value.get("apiVersion").and_then(Value::as_str);
-        if api_version != Some(cluster::API_VERSION) {
-            return Err(skipped(
-                "apiVersion",
-                format!(
-                    "{} is not read (Egret reads {})",
-                    api_version.map_or_else(|| "missing".to_owned(), |v| format!("{v:?}")),
-                    cluster::API_VERSION
-                ),
-            ));
-        }
         let mut malformed_rules: Vec<(usize, CnpField)> = Vec::new();
         let object = loop {
             match typed::<ClusterNetworkPolicyObject>(location, &value) {
@@ -388,10 +433,13 @@ fn egress_rule_index(field: &str) -> Option<usize> {
 fn locate(file: &Path, kind: &str, value: &Value) -> ObjectLocation {
     let metadata = value.get("metadata");
     let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
+    // Of the kinds Egret does not read, it cannot tell which are namespaced.
+    let is_read = KINDS.iter().any(|(read, _)| *read == kind);
     let name = match (kind, field("namespace"), field("name")) {
         ("Namespace" | cluster::KIND, _, Some(name)) => name.to_owned(),
         (_, Some(namespace), Some(name)) => format!("{namespace}/{name}"),
-        (_, None, Some(name)) => format!("{DEFAULT_NAMESPACE}/{name}"),
+        (_, None, Some(name)) if is_read => format!("{DEFAULT_NAMESPACE}/{name}"),
+        (_, None, Some(name)) => name.to_owned(),
         (_, _, None) => "?".to_owned(),
     };
     ObjectLocation {
@@ -489,6 +537,8 @@ pub async fn watch(
     let (changed_tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = None;
     let (mut failing, mut synced) = (false, false);
+    // Reported once each, not at every re-read.
+    let mut unread_before: Vec<Unread> = Vec::new();
     loop {
         let received = std::time::Instant::now();
         if watcher.is_none() {
@@ -505,6 +555,12 @@ pub async fn watch(
         let mut sent = Vec::new();
         match loaded {
             Ok(manifests) => {
+                for unread in &manifests.unread {
+                    if !unread_before.contains(unread) {
+                        info!("{unread}");
+                    }
+                }
+                unread_before = manifests.unread;
                 if watcher.is_none() {
                     warn!(dir = %dir.display(), "cannot watch the manifest directory; changes are read at each resync");
                 }

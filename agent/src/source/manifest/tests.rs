@@ -124,10 +124,6 @@ fn a_policy_without_a_readable_tier_priority_or_subject_is_skipped_naming_the_fi
             "spec.subject: needs exactly one of namespaces or pods",
         ),
         (
-            cnp("guard", "[]").replace("v1alpha2", "v1beta1"),
-            "apiVersion: \"policy.networking.k8s.io/v1beta1\" is not read (Egret reads policy.networking.k8s.io/v1alpha2)",
-        ),
-        (
             cnp("guard", "[]").replace("{name: guard}", "{labels: {a: b}}"),
             "metadata.name: missing",
         ),
@@ -161,4 +157,45 @@ fn a_cluster_network_policy_defined_twice_keeps_the_first() {
             "guards.yaml: ClusterNetworkPolicy guard: defined again (first in guards.yaml); the first definition is used"
         ]
     );
+}
+
+#[test]
+fn other_kinds_and_other_api_versions_are_reported_never_skipped_in_silence() {
+    let text = [
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\n",
+        "apiVersion: networking.k8s.io/v1beta1\nkind: NetworkPolicy\nmetadata: {name: old, namespace: shop}\nspec: {podSelector: {}}\n",
+        &cnp("guard", "[]").replace("v1alpha2", "v1beta1"),
+        "kind: Pod\nmetadata: {name: web, namespace: shop}\n",
+        "apiVersion: v1\nmetadata: {name: nameless}\n",
+        NETWORK_POLICY,
+    ]
+    .join("---\n");
+    let mut loader = Loader::default();
+    loader.add_text(Path::new("app.yaml"), &text);
+    let unread: Vec<String> = loader.unread.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        unread,
+        [
+            "app.yaml: Deployment shop/web: not a kind Egret reads; ignored",
+            "app.yaml: ConfigMap settings: not a kind Egret reads; ignored",
+        ]
+    );
+    let problems: Vec<String> = loader.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        [
+            "app.yaml: NetworkPolicy shop/old: apiVersion: \"networking.k8s.io/v1beta1\" is not read (Egret reads networking.k8s.io/v1); the object is skipped",
+            "app.yaml: ClusterNetworkPolicy guard: apiVersion: \"policy.networking.k8s.io/v1beta1\" is not read (Egret reads policy.networking.k8s.io/v1alpha2); the object is skipped",
+            "app.yaml: Pod shop/web: apiVersion: missing (Egret reads v1); the object is skipped",
+            "app.yaml: (no kind) nameless: kind: missing; the document is skipped",
+        ]
+    );
+    assert_eq!(
+        loader.snapshot.policies.len(),
+        1,
+        "the NetworkPolicy in the apiVersion Egret reads is read"
+    );
+    assert!(loader.snapshot.cluster_policies.is_empty());
+    assert!(loader.snapshot.pods.is_empty());
 }

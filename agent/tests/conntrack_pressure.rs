@@ -359,6 +359,26 @@ fn idle_connections_outlive_floods_and_churn_in_small_tables() {
     let held = HeldConnections::open(&site);
     // Bursts five times the unassured table; churn far beyond the established one.
     floods_and_churn(&site, &held, 20_000, 20_000, Duration::from_secs(5));
+    // The floods pushed unassured flows out of their full table, and nothing ever had
+    // to make room among the established ones.
+    let page = scrape_metrics(&site.topology).expect("metrics");
+    let evicted = |kind: &str| {
+        page.lines()
+            .find(|line| {
+                line.starts_with("egret_conntrack_evictions_total{")
+                    && line.contains(&format!("kind=\"{kind}\""))
+            })
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {kind} evictions in /metrics:\n{page}"))
+    };
+    assert!(
+        evicted("unassured") > 0.0,
+        "the floods overflowed the unassured table"
+    );
+    assert!(
+        evicted("established") == 0.0,
+        "no established flow was evicted:\n{page}"
+    );
 }
 
 /// `egret_conntrack_entries{kind="established"}` summed over its series, or `None` while

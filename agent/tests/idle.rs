@@ -8,11 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{add_pod, egress_policy, scrape_metrics, start_agent};
-use egret_testbed::{
-    Topology,
-    manifests::{PodManifest, cluster_yaml, write_file},
+use common::{
+    egress_policy, scrape_metrics,
+    site::{self, Site},
 };
+use egret_testbed::Topology;
 
 /// The value of an unlabelled counter in a `/metrics` page.
 fn counter(metrics: &str, name: &str) -> Option<u64> {
@@ -55,25 +55,6 @@ fn idle_agent_reconciles_only_on_resync() {
     if !egret_testbed::require_root("idle_agent_reconciles_only_on_resync") {
         return;
     }
-    let topology = Topology::new().unwrap();
-    let client = add_pod(&topology, "client", 1);
-    let server = add_pod(&topology, "server", 2);
-    let dir = tempfile::tempdir().unwrap();
-    let pods = [
-        PodManifest {
-            pod: &client,
-            namespace: "shop",
-            labels: &[("app", "client")],
-            ports: &[],
-        },
-        PodManifest {
-            pod: &server,
-            namespace: "shop",
-            labels: &[("app", "server")],
-            ports: &[],
-        },
-    ];
-    write_file(dir.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
     // A thousand CIDRs, as in the measurement that found the agent busy.
     let mut blocks = String::from("[{to: [");
     for i in 0..1000u32 {
@@ -85,29 +66,22 @@ fn idle_agent_reconciles_only_on_resync() {
         );
     }
     blocks.push_str("{podSelector: {matchLabels: {app: server}}}]}]");
-    write_file(
-        dir.path(),
-        "policy.yaml",
+    let site = Site::new(
+        &site::SHOP[..2],
         &egress_policy("client", "client", &blocks, ""),
-    )
-    .unwrap();
+    );
+    let topology = &site.topology;
     let resync = RESYNC_SECONDS.to_string();
-    let mut agent = start_agent(&topology, dir.path(), &["--resync-seconds", &resync]);
-    agent
-        .wait_attached(
-            &[client.host_ifindex(), server.host_ifindex()],
-            Duration::from_secs(20),
-        )
-        .unwrap();
+    let agent = site.start(&["--resync-seconds", &resync]);
     // Let the first sync and its attach work settle.
     std::thread::sleep(Duration::from_secs(2));
 
     let pid = agent.pid().expect("the agent runs");
     let started = Instant::now();
-    let before = reconcile_runs(&topology);
+    let before = reconcile_runs(topology);
     let cpu_before = cpu_time(pid);
     std::thread::sleep(WATCHED.saturating_sub(started.elapsed()));
-    let after = reconcile_runs(&topology);
+    let after = reconcile_runs(topology);
     let cpu = cpu_time(pid).saturating_sub(cpu_before);
     eprintln!(
         "idle for {WATCHED:?}: {} reconciles, {cpu:?} of CPU",

@@ -8,11 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{add_pod, egress_policy, start_agent};
-use egret_testbed::{
-    Topology,
-    manifests::{PodManifest, cluster_yaml, write_file},
+use common::{
+    egress_policy,
+    site::{self, PodSpec, Site},
 };
+use egret_testbed::Topology;
 use serde_json::Value;
 
 const FAST: Duration = Duration::from_millis(200);
@@ -47,33 +47,6 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
     if !egret_testbed::require_root("denials_show_up_in_metrics_flow_log_and_cli") {
         return;
     }
-    let topology = Topology::new().unwrap();
-    let client = add_pod(&topology, "client", 1);
-    let server = add_pod(&topology, "server", 2);
-    let staged = add_pod(&topology, "staged", 3);
-    let _echo = server.serve_tcp(8080).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let pods = [
-        PodManifest {
-            pod: &client,
-            namespace: "shop",
-            labels: &[("app", "client")],
-            ports: &[],
-        },
-        PodManifest {
-            pod: &server,
-            namespace: "shop",
-            labels: &[("app", "server")],
-            ports: &[],
-        },
-        PodManifest {
-            pod: &staged,
-            namespace: "shop",
-            labels: &[("app", "staged")],
-            ports: &[],
-        },
-    ];
-    write_file(dir.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
     let policies = [
         egress_policy(
             "client-dns-only",
@@ -84,25 +57,23 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
         egress_policy("staged-deny", "staged", "[]", "egret.dev/mode: audit"),
     ]
     .join("---\n");
-    write_file(dir.path(), "policies.yaml", &policies).unwrap();
-    let flow_log = dir.path().join("flows.jsonl");
+    let [client, server, _] = site::SHOP;
+    let staged = PodSpec {
+        name: "staged",
+        namespace: "shop",
+        app: "staged",
+    };
+    let site = Site::new(&[client, server, staged], &policies);
+    let topology = &site.topology;
+    let [client, server, staged] = [0, 1, 2].map(|i| site.pods[i].clone());
+    let flow_log = site.manifests().join("flows.jsonl");
     let flow_log_arg = flow_log.to_str().unwrap().to_owned();
-    let mut agent = start_agent(&topology, dir.path(), &["--flow-log", &flow_log_arg]);
-    agent
-        .wait_attached(
-            &[
-                client.host_ifindex(),
-                server.host_ifindex(),
-                staged.host_ifindex(),
-            ],
-            Duration::from_secs(20),
-        )
-        .unwrap();
+    let agent = site.start(&["--flow-log", &flow_log_arg]);
 
     // Start following flows before the traffic.
     let follower = {
         let mut command = agent.command(
-            &topology,
+            topology,
             &[
                 "flows",
                 "--follow",
@@ -143,13 +114,13 @@ fn denials_show_up_in_metrics_flow_log_and_cli() {
         serde_json::from_slice(&output.stdout).expect("egret flows printed a JSON line");
     assert_eq!(streamed["source"]["pod"], "client");
 
-    check_metrics(&topology, &server);
+    check_metrics(topology, &server);
 
-    check_status_and_explain(&agent, &topology, &server);
+    check_status_and_explain(&agent, topology, &server);
 
     // A deleted pod's series disappear.
-    write_file(dir.path(), "cluster.yaml", &cluster_yaml(&pods[1..])).unwrap();
-    wait_for_series_gone(&topology);
+    site.write_cluster(|name| name != "client");
+    wait_for_series_gone(topology);
 }
 
 /// The flow log: one enriched, aggregated line per flow.

@@ -26,6 +26,8 @@ pub struct Site {
     /// In the order they were given; pod `i` has addresses `10.77.0.(i+1)`.
     pub pods: Vec<Pod>,
     pub manifests: tempfile::TempDir,
+    /// (namespace, app) of each pod, for rewriting `cluster.yaml`.
+    placements: Vec<(String, String)>,
     _listeners: Vec<Listener>,
 }
 
@@ -44,29 +46,48 @@ impl Site {
             listeners.push(pod.serve_tcp(ECHO_PORT).unwrap());
             listeners.push(pod.serve_udp(ECHO_PORT).unwrap());
         }
-        let labels: Vec<[(&str, &str); 1]> = pods.iter().map(|spec| [("app", spec.app)]).collect();
-        let manifests: Vec<PodManifest<'_>> = made
+        let dir = tempfile::tempdir().unwrap();
+        write_file(dir.path(), "policies.yaml", policies).unwrap();
+        let site = Self {
+            topology,
+            pods: made,
+            manifests: dir,
+            placements: pods
+                .iter()
+                .map(|spec| (spec.namespace.to_owned(), spec.app.to_owned()))
+                .collect(),
+            _listeners: listeners,
+        };
+        site.write_cluster(|_| true);
+        site
+    }
+
+    /// Writes `cluster.yaml` with the pods `keep` accepts (by name): a pod left out is
+    /// gone from the cluster for the agent.
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    pub fn write_cluster(&self, keep: impl Fn(&str) -> bool) {
+        let labels: Vec<[(&str, &str); 1]> = self
+            .placements
             .iter()
-            .zip(pods)
+            .map(|(_, app)| [("app", app.as_str())])
+            .collect();
+        let manifests: Vec<PodManifest<'_>> = self
+            .pods
+            .iter()
+            .zip(&self.placements)
             .zip(&labels)
-            .map(|((pod, spec), labels)| PodManifest {
+            .filter(|((pod, _), _)| keep(pod.name()))
+            .map(|((pod, (namespace, _)), labels)| PodManifest {
                 pod,
-                namespace: spec.namespace,
+                namespace,
                 labels,
                 ports: &[],
             })
             .collect();
-        let dir = tempfile::tempdir().unwrap();
-        write_file(dir.path(), "cluster.yaml", &cluster_yaml(&manifests)).unwrap();
-        write_file(dir.path(), "policies.yaml", policies).unwrap();
-        Self {
-            topology,
-            pods: made,
-            manifests: dir,
-            _listeners: listeners,
-        }
+        write_file(self.manifests(), "cluster.yaml", &cluster_yaml(&manifests)).unwrap();
     }
-
     #[must_use]
     pub fn ifindexes(&self) -> Vec<u32> {
         self.pods.iter().map(Pod::host_ifindex).collect()

@@ -141,7 +141,15 @@ fn image_enforces_a_policy_run_like_the_daemonset() {
         String::from_utf8_lossy(&cleanup.stderr)
     );
     assert!(!pins.0.exists(), "egret cleanup removed {pin_dir}");
-    let unenforced = client.tcp_connect(other.addr_v4(8080), PROBE_TIMEOUT);
+    // The kernel releases an unpinned link from a work queue: the detach can trail the
+    // unlink by a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let unenforced = loop {
+        let probe = client.tcp_connect(other.addr_v4(8080), PROBE_TIMEOUT);
+        if probe.is_connected() || std::time::Instant::now() >= deadline {
+            break probe;
+        }
+    };
     assert!(
         unenforced.is_connected(),
         "nothing drops after cleanup: {unenforced}"

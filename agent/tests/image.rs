@@ -22,7 +22,7 @@ use std::{
 
 use common::{AGENT, PROBE_TIMEOUT, add_pod, egress_policy};
 use egret_testbed::{
-    Pod, Topology,
+    Pod, ProbeResult, Topology,
     agent::AgentProcess,
     manifests::{PodManifest, cluster_yaml, write_file},
 };
@@ -141,15 +141,7 @@ fn image_enforces_a_policy_run_like_the_daemonset() {
         String::from_utf8_lossy(&cleanup.stderr)
     );
     assert!(!pins.0.exists(), "egret cleanup removed {pin_dir}");
-    // The kernel releases an unpinned link from a work queue: the detach can trail the
-    // unlink by a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let unenforced = loop {
-        let probe = client.tcp_connect(other.addr_v4(8080), PROBE_TIMEOUT);
-        if probe.is_connected() || std::time::Instant::now() >= deadline {
-            break probe;
-        }
-    };
+    let unenforced = connects_soon(&client, other.addr_v4(8080));
     assert!(
         unenforced.is_connected(),
         "nothing drops after cleanup: {unenforced}"
@@ -494,4 +486,16 @@ fn run_quietly(command: &mut Command) -> Option<()> {
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// A connection from `pod` to `to`, retried for a few seconds until it connects: the
+/// kernel releases an unpinned link from a work queue, so the detach can trail the unlink.
+fn connects_soon(pod: &Pod, to: std::net::SocketAddr) -> ProbeResult {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let probe = pod.tcp_connect(to, PROBE_TIMEOUT);
+        if probe.is_connected() || Instant::now() >= deadline {
+            return probe;
+        }
+    }
 }

@@ -9,81 +9,55 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{add_pod, assert_table_aligned, egress_policy, start_agent};
-use egret::observe::flows::{FlowRecord, Timestamp};
-use egret_testbed::{
-    Pod, Topology,
-    agent::AgentProcess,
-    manifests::{PodManifest, cluster_yaml, write_file},
+use common::{
+    assert_table_aligned, egress_policy,
+    site::{PodSpec, Site},
 };
+use egret::observe::flows::{FlowRecord, Timestamp};
+use egret_testbed::{Pod, agent::AgentProcess};
 
 const FAST: Duration = Duration::from_millis(200);
 
 struct Cluster {
-    topology: Topology,
+    site: Site,
     agent: AgentProcess,
     client: Pod,
     scanner: Pod,
     server: Pod,
-    _manifests: tempfile::TempDir,
 }
 
 impl Cluster {
     /// `shop/client` may only send DNS, `tools/scanner` nothing; both send to `shop/server`.
     /// The agent keeps 100 flow records.
     fn new(args: &[&str]) -> Self {
-        let topology = Topology::new().unwrap();
-        let client = add_pod(&topology, "client", 1);
-        let scanner = add_pod(&topology, "scanner", 2);
-        let server = add_pod(&topology, "server", 3);
-        let manifests = tempfile::tempdir().unwrap();
-        let pods = [
-            PodManifest {
-                pod: &client,
-                namespace: "shop",
-                labels: &[("app", "client")],
-                ports: &[],
-            },
-            PodManifest {
-                pod: &scanner,
-                namespace: "tools",
-                labels: &[("app", "scanner")],
-                ports: &[],
-            },
-            PodManifest {
-                pod: &server,
-                namespace: "shop",
-                labels: &[("app", "server")],
-                ports: &[],
-            },
-        ];
-        write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
         let policies = [
             egress_policy("client-dns-only", "client", "[{ports: [{port: 53}]}]", ""),
             egress_policy("scanner-nothing", "scanner", "[]", "").replace("shop", "tools"),
         ]
         .join("---\n");
-        write_file(manifests.path(), "policies.yaml", &policies).unwrap();
+        let pod = |name, namespace| PodSpec {
+            name,
+            namespace,
+            app: name,
+        };
+        let site = Site::new(
+            &[
+                pod("client", "shop"),
+                pod("scanner", "tools"),
+                pod("server", "shop"),
+            ],
+            &policies,
+        );
         let mut all = vec!["--flow-history", "100"];
         all.extend(args);
-        let mut agent = start_agent(&topology, manifests.path(), &all);
-        agent
-            .wait_attached(
-                &[
-                    client.host_ifindex(),
-                    scanner.host_ifindex(),
-                    server.host_ifindex(),
-                ],
-                Duration::from_secs(20),
-            )
-            .unwrap();
+        let agent = site.start(&all);
+        let [client, scanner, server] = [0, 1, 2].map(|i| site.pods[i].clone());
         Self {
-            topology,
+            site,
             agent,
             client,
             scanner,
             server,
-            _manifests: manifests,
         }
     }
 
@@ -92,7 +66,11 @@ impl Cluster {
         let mut all = vec!["flows"];
         all.extend(args);
         all.extend(["--output", "json"]);
-        let output = self.agent.command(&self.topology, &all).output().unwrap();
+        let output = self
+            .agent
+            .command(&self.site.topology, &all)
+            .output()
+            .unwrap();
         assert!(
             output.status.success(),
             "egret flows {args:?}: {}",
@@ -132,7 +110,7 @@ impl Cluster {
         all.extend(args);
         let child = self
             .agent
-            .command(&self.topology, &all)
+            .command(&self.site.topology, &all)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -232,7 +210,7 @@ fn recent_flows_are_listed_after_the_fact_and_followed() {
     // Text: a table whose columns line up.
     let output = cluster
         .agent
-        .command(&cluster.topology, &["flows"])
+        .command(&cluster.site.topology, &["flows"])
         .output()
         .unwrap();
     let text = String::from_utf8(output.stdout).unwrap();

@@ -13,15 +13,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egret_testbed::{
-    Pod, Topology,
-    manifests::{PodManifest, cluster_yaml, write_file},
-};
+use egret_testbed::{Pod, Topology};
 use serde_json::Value;
 
 use super::{
     Query,
-    common::{add_pod, egress_policy, start_agent},
+    common::{
+        egress_policy,
+        site::{PodSpec, Site},
+    },
     dashboard, queries,
 };
 
@@ -53,32 +53,6 @@ fn every_dashboard_query_returns_its_series_from_a_real_prometheus() {
     ) {
         return;
     }
-    let topology = Topology::new().unwrap();
-    let client = add_pod(&topology, "client", 1);
-    let staged = add_pod(&topology, "staged", 2);
-    let server = add_pod(&topology, "server", 3);
-    let manifests = tempfile::tempdir().unwrap();
-    let pods = [
-        PodManifest {
-            pod: &client,
-            namespace: "shop",
-            labels: &[("app", "client")],
-            ports: &[],
-        },
-        PodManifest {
-            pod: &staged,
-            namespace: "shop",
-            labels: &[("app", "staged")],
-            ports: &[],
-        },
-        PodManifest {
-            pod: &server,
-            namespace: "shop",
-            labels: &[("app", "server")],
-            ports: &[],
-        },
-    ];
-    write_file(manifests.path(), "cluster.yaml", &cluster_yaml(&pods)).unwrap();
     let policies = [
         egress_policy(
             "client-udp",
@@ -88,19 +62,19 @@ fn every_dashboard_query_returns_its_series_from_a_real_prometheus() {
         ),
         egress_policy("staged-nothing", "staged", "[]", "egret.dev/mode: audit"),
     ];
-    write_file(manifests.path(), "policies.yaml", &policies.join("---\n")).unwrap();
-    let mut agent = start_agent(&topology, manifests.path(), &[]);
-    agent
-        .wait_attached(
-            &[
-                client.host_ifindex(),
-                staged.host_ifindex(),
-                server.host_ifindex(),
-            ],
-            Duration::from_secs(20),
-        )
-        .unwrap();
-    let prometheus = Prometheus::start(&topology);
+    let pod = |name| PodSpec {
+        name,
+        namespace: "shop",
+        app: name,
+    };
+    let site = Site::new(
+        &[pod("client"), pod("staged"), pod("server")],
+        &policies.join("---\n"),
+    );
+    let topology = &site.topology;
+    let [client, staged, server] = [0, 1, 2].map(|i| site.pods[i].clone());
+    let _agent = site.start(&[]);
+    let prometheus = Prometheus::start(topology);
     prometheus.wait_for("up{job=\"egret\"}", 1.0);
 
     // Two bursts, so that every counter rises between scrapes (a series that appears
@@ -119,7 +93,7 @@ fn every_dashboard_query_returns_its_series_from_a_real_prometheus() {
             let before = prometheus.value(latency).unwrap_or(0.0);
             let unused = egress_policy("selects-nothing", "nobody", "[]", "");
             let all = [&policies[..], &[unused]].concat();
-            write_file(manifests.path(), "policies.yaml", &all.join("---\n")).unwrap();
+            site.rewrite_policies(&all.join("---\n"));
             prometheus.wait_until(latency, |value| value > before);
         }
     }

@@ -539,14 +539,7 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
         writeln!(stdout, "STALE {source}")?;
     }
     writeln!(stdout)?;
-    let list = |v: &serde_json::Value| {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let list = joined;
     let mut endpoints = Table::new(&[
         ("ENDPOINT", Align::Left),
         ("STATE", Align::Left),
@@ -605,19 +598,22 @@ fn policies_of(isolated_by: &str, cluster_policies: &str) -> String {
     }
 }
 
+/// The strings of a JSON array, comma-separated (empty for anything else).
+fn joined(v: &serde_json::Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn print_explain(answer: &serde_json::Value, output: Output) -> std::io::Result<()> {
     let mut stdout = std::io::stdout().lock();
     if matches!(output, Output::Json) {
         return writeln!(stdout, "{answer}");
     }
-    let list = |v: &serde_json::Value| {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let list = joined;
     let owner = &answer["to_owner"];
     let owner = if owner.is_null() {
         String::new()

@@ -6,6 +6,7 @@
 //! of the old layout as if it were the new one.
 #![no_std]
 
+pub mod dns;
 pub mod maps;
 
 /// What happened to a packet.

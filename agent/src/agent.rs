@@ -3,7 +3,7 @@
 //! writes a map except this loop's apply step.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -18,22 +18,30 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use self::{apply::Writer, reconciler::Reconciler, record::Recorder};
 use crate::{
-    compile::{self, Allocator, Ids, Scope},
+    compile::{Allocator, Ids},
     datapath::{
         Capacities, Datapath, DatapathError,
         image::{KernelImage, Room},
-        interfaces::{self, InterfaceError, Resolver},
+    },
+    node::{
+        Discovery,
+        interfaces::{self, InterfaceError},
     },
     observe::{
-        EndpointName, Health, KindLabels, Live, LiveTables, MapLabels, Metrics, SourceLabels,
-        StateLabels,
-        flows::{AddressOwner, FlowLog, Sink, WINDOW},
+        Health, Live, MapLabels, Metrics,
+        flows::{FlowLog, Sink, WINDOW},
         http,
     },
-    source::{self, Signal, Update},
-    state::{ObjectKey, Snapshot},
+    source::{self, Update},
+    state::Snapshot,
 };
+
+mod apply;
+mod plan;
+mod reconciler;
+mod record;
 
 /// What happens to every denial.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -138,11 +146,6 @@ pub enum AgentError {
     },
 }
 
-/// Debounce: reconcile this long after the last update of a burst...
-const QUIET: Duration = Duration::from_millis(20);
-/// ...but never later than this after the first.
-const MAX_DELAY: Duration = Duration::from_millis(200);
-
 /// Runs until `shutdown` resolves. Enforcement stays pinned in place afterwards.
 ///
 /// # Errors
@@ -156,7 +159,7 @@ pub async fn run(
     let mut datapath = Datapath::open(&config.pin_dir, config.capacities)?;
     datapath.set_settings(settings(&config))?;
     let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
-    for (map, capacity) in capacity_rows(config.capacities) {
+    for (map, capacity) in record::capacity_rows(config.capacities) {
         metrics
             .map_capacity
             .get_or_create(&MapLabels {
@@ -219,29 +222,32 @@ pub async fn run(
     let (updates, received) = mpsc::channel(4096);
     let pending_sources = start_sources(&config, updates).await?;
 
+    let discovery = match config.attach {
+        AttachMode::Tc => Discovery::interfaces()?,
+        AttachMode::Cgroup => Discovery::cgroups(config.cgroup_root.clone()),
+    };
     let mut reconciler = Reconciler {
         node: config.node_name.clone(),
         snapshot: Snapshot::default(),
         ids: ids_avoiding(datapath.held()),
         problems: Vec::new(),
-        attached: BTreeSet::new(),
         pending_sources,
         batch: Vec::new(),
-        resolver: Resolver::new()?,
-        metrics,
-        health,
-        live,
-        capacities: config.capacities,
-        failed_closed: Vec::new(),
-        attach: config.attach,
-        cgroup_root: config
-            .cgroup_root
-            .clone()
-            .or_else(crate::datapath::cgroups::cgroup2_root),
+        discovery,
+        room: Room {
+            cidrs: config.capacities.cidrs as usize,
+            policy: config.capacities.policy as usize,
+        },
+        writer: Writer::new(datapath),
+        recorder: Recorder::new(
+            config.node_name.clone(),
+            metrics,
+            health,
+            live,
+            config.capacities,
+        ),
     };
-    reconciler
-        .run(&mut datapath, received, config.resync, shutdown)
-        .await;
+    reconciler.run(received, config.resync, shutdown).await;
     let _ = shutdown_tx.send(true);
     info!(
         "shutting down; enforcement stays pinned under {}",
@@ -379,18 +385,6 @@ fn settings(config: &Config) -> Settings {
     settings
 }
 
-fn capacity_rows(capacities: Capacities) -> [(&'static str, u32); 6] {
-    use egret_common::maps::names;
-    [
-        (names::ENDPOINT, capacities.endpoints),
-        (names::IDENTITY, capacities.identities),
-        (names::CIDR, capacities.cidrs),
-        (names::POLICY, capacities.policy),
-        (names::CT_ESTABLISHED, capacities.ct_established),
-        (names::CT_UNASSURED, capacities.ct_unassured),
-    ]
-}
-
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, AgentError> {
     let config = match kubeconfig {
         Some(path) => {
@@ -419,516 +413,5 @@ fn ids_avoiding(held: &KernelImage) -> Ids {
                 .values()
                 .map(|class| class & !egret_common::maps::CIDR_CLASS_BIT),
         ),
-    }
-}
-
-struct Reconciler {
-    node: String,
-    snapshot: Snapshot,
-    ids: Ids,
-    /// Problems reported last time, so each is logged when it appears, not every resync.
-    problems: Vec<String>,
-    /// Interfaces this process attached (or took over from a predecessor's pinned links).
-    attached: BTreeSet<u32>,
-    /// Sources that have not yet delivered a complete view: not ready until empty.
-    pending_sources: BTreeSet<&'static str>,
-    /// Arrival times of the changes not yet in the kernel.
-    batch: Vec<Instant>,
-    resolver: Resolver,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    live: Arc<Live>,
-    capacities: Capacities,
-    /// Pods failing closed for want of table room, as last reported.
-    failed_closed: Vec<String>,
-    attach: AttachMode,
-    cgroup_root: Option<PathBuf>,
-}
-
-impl Reconciler {
-    async fn run(
-        &mut self,
-        datapath: &mut Datapath,
-        mut updates: mpsc::Receiver<Update>,
-        resync: Duration,
-        shutdown: impl Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        let mut resync_timer = tokio::time::interval(resync);
-        resync_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut due: Option<tokio::time::Instant> = None;
-        loop {
-            let deadline = due.unwrap_or_else(|| tokio::time::Instant::now() + resync);
-            tokio::select! {
-                () = &mut shutdown => return,
-                update = updates.recv() => {
-                    let Some(update) = update else { return };
-                    if self.absorb(update) {
-                        let first = self.batch.first().copied().map_or_else(tokio::time::Instant::now, Into::into);
-                        due = Some((tokio::time::Instant::now() + QUIET).min(first + MAX_DELAY));
-                    }
-                }
-                () = tokio::time::sleep_until(deadline), if due.is_some() => {
-                    due = None;
-                    self.reconcile(datapath).await;
-                }
-                _ = resync_timer.tick() => {
-                    if self.pending_sources.is_empty() || !self.snapshot.pods.is_empty() {
-                        self.reconcile(datapath).await;
-                    }
-                }
-            }
-            self.health.tick();
-        }
-    }
-
-    /// Applies an update to the snapshot; true when a reconcile is due.
-    fn absorb(&mut self, update: Update) -> bool {
-        match update.apply(&mut self.snapshot) {
-            Signal::Changed { received, problems } => {
-                self.report_problems(problems);
-                self.batch.push(received);
-                true
-            }
-            // Nothing new (a re-read of unchanged files, a pod's status): no reconcile.
-            Signal::Unchanged { problems } => {
-                self.report_problems(problems);
-                false
-            }
-            Signal::Synced { source } => {
-                self.pending_sources.remove(source);
-                self.pending_sources.is_empty()
-            }
-            Signal::WatchRestarted { kind } => {
-                self.metrics
-                    .watch_restarts
-                    .get_or_create(&KindLabels {
-                        kind: kind.to_owned(),
-                    })
-                    .inc();
-                false
-            }
-            // The snapshot keeps what the source delivered last, and so does the kernel.
-            Signal::Failed { source, problem } => {
-                let labels = SourceLabels {
-                    source: source.to_owned(),
-                };
-                self.metrics.source_failures.get_or_create(&labels).inc();
-                self.metrics.source_stale.get_or_create(&labels).set(1);
-                if self.health.source_failed(source, &problem) {
-                    warn!(source, %problem, "source cannot be read; enforcing its last good snapshot");
-                } else {
-                    tracing::debug!(source, %problem, "source still cannot be read");
-                }
-                false
-            }
-            Signal::Recovered { source } => {
-                let labels = SourceLabels {
-                    source: source.to_owned(),
-                };
-                self.metrics.source_stale.get_or_create(&labels).set(0);
-                if let Some(stale) = self.health.source_recovered(source) {
-                    info!(
-                        source,
-                        since = stale.since,
-                        failures = stale.failures,
-                        "source readable again"
-                    );
-                }
-                false
-            }
-        }
-    }
-
-    /// Logs the problems a source reported when they differ from last time.
-    fn report_problems(&mut self, problems: Option<Vec<String>>) {
-        if let Some(problems) = problems
-            && problems != self.problems
-        {
-            for problem in &problems {
-                warn!("{problem}");
-            }
-            self.problems = problems;
-        }
-    }
-
-    async fn reconcile(&mut self, datapath: &mut Datapath) {
-        let started = Instant::now();
-        self.health.reconcile_started();
-        self.metrics.reconcile_runs.inc();
-        let compiled = compile::compile(&self.snapshot, &Scope::Node(self.node.clone()), &self.ids);
-        let (ifindexes, cgroups) = match self.attach {
-            AttachMode::Tc => (self.pod_interfaces(&compiled).await, BTreeMap::new()),
-            AttachMode::Cgroup => (BTreeMap::new(), self.pod_cgroups(&compiled)),
-        };
-        let mut image = KernelImage::build(
-            &compiled.tables,
-            &ifindexes
-                .iter()
-                .map(|(pod, (ifindex, _))| (pod.clone(), *ifindex))
-                .collect(),
-            &cgroups
-                .iter()
-                .map(|(pod, cgroup)| (pod.clone(), cgroup.id))
-                .collect(),
-        );
-        let room = Room {
-            cidrs: self.capacities.cidrs as usize,
-            policy: self.capacities.policy as usize,
-        };
-        let failed = image.fit(datapath.held(), room);
-        self.report_overflow(&compiled, &failed);
-        let stats = match datapath.apply(&image) {
-            Ok(stats) => stats,
-            Err(error) => {
-                self.metrics.reconcile_failures.inc();
-                warn!(%error, "applying tables failed; will retry");
-                return;
-            }
-        };
-        // Attach only once the endpoint's tables are in, so its first packet is judged
-        // by its policy.
-        self.attach_interfaces(datapath, &ifindexes);
-        self.attach_cgroups(datapath, &cgroups);
-        // Where each local pod is enforced, as status shows it.
-        let attachments: BTreeMap<ObjectKey, String> = ifindexes
-            .into_iter()
-            .map(|(pod, (ifindex, name))| (pod, format!("{name} (ifindex {ifindex})")))
-            .chain(
-                cgroups
-                    .into_iter()
-                    .map(|(pod, cgroup)| (pod, format!("cgroup {}", cgroup.id))),
-            )
-            .collect();
-        let live: BTreeSet<u32> = image
-            .endpoints
-            .values()
-            .chain(image.cgroup_endpoints.values())
-            .map(|e| e.id)
-            .collect();
-        if let Err(error) = datapath.prune_counters(&live) {
-            warn!(%error, "cannot prune counters of gone pods");
-        }
-
-        self.publish(&compiled, &attachments, &image, started);
-        if stats.written + stats.removed > 0 {
-            info!(
-                endpoints = image.endpoints.len() + image.cgroup_endpoints.len(),
-                identities = image.identities.len(),
-                cidrs = image.cidrs.len(),
-                policy_entries = image.policy.len(),
-                written = stats.written,
-                removed = stats.removed,
-                elapsed_ms = started.elapsed().as_millis(),
-                "reconciled"
-            );
-        }
-        if self.pending_sources.is_empty() && !self.health.is_ready() {
-            // Every local pod's links now run this agent's programs: what an agent of
-            // the first map layout left can be taken over and removed.
-            if let Err(error) = datapath.retire_legacy_maps() {
-                warn!(%error, "cannot take over the first layout's tracked flows");
-            }
-            info!("first full sync programmed: ready");
-            self.health.set_ready();
-        }
-        self.share(compiled, attachments, &image, started);
-    }
-
-    /// The host interface of each local pod (TC mode).
-    async fn pod_interfaces(
-        &self,
-        compiled: &compile::Compiled,
-    ) -> BTreeMap<ObjectKey, (u32, String)> {
-        let local = compiled.tables.endpoints.keys().filter_map(|key| {
-            self.snapshot
-                .pods
-                .get(key)
-                .map(|pod| (key, pod.ips.as_slice()))
-        });
-        let (interfaces, problems) = self.resolver.resolve(local).await;
-        for problem in &problems {
-            tracing::debug!("{problem}");
-        }
-        interfaces
-            .into_iter()
-            .map(|(pod, i)| (pod, (i.ifindex, i.name)))
-            .collect()
-    }
-
-    /// The cgroup of each local pod (cgroup mode).
-    fn pod_cgroups(
-        &self,
-        compiled: &compile::Compiled,
-    ) -> BTreeMap<ObjectKey, crate::datapath::cgroups::PodCgroup> {
-        let Some(root) = &self.cgroup_root else {
-            warn!("no cgroup v2 hierarchy found: pass --cgroup-root");
-            return BTreeMap::new();
-        };
-        let local = compiled.tables.endpoints.keys().filter_map(|key| {
-            self.snapshot
-                .pods
-                .get(key)
-                .map(|pod| (key, pod.uid.as_str()))
-        });
-        crate::datapath::cgroups::find(root, local)
-    }
-
-    /// Attaches to new pod interfaces (taking over a predecessor's pinned links the
-    /// first time) and detaches from interfaces that no longer lead to a local pod.
-    fn attach_interfaces(
-        &mut self,
-        datapath: &mut Datapath,
-        interfaces: &BTreeMap<ObjectKey, (u32, String)>,
-    ) {
-        let pinned_before: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
-        for (pod, (ifindex, name)) in interfaces {
-            if self.attached.contains(ifindex) {
-                continue;
-            }
-            if !pinned_before.contains(ifindex) {
-                self.seed_flows(datapath, pod);
-            }
-            match datapath.attach(name, *ifindex) {
-                Ok(()) => {
-                    self.attached.insert(*ifindex);
-                }
-                Err(error) => warn!(%pod, %error, "cannot attach"),
-            }
-        }
-        let wanted: BTreeSet<u32> = interfaces.values().map(|(ifindex, _)| *ifindex).collect();
-        self.attached.retain(|ifindex| wanted.contains(ifindex));
-        let pinned: BTreeSet<u32> = datapath.pinned_links().into_iter().collect();
-        for ifindex in pinned.difference(&wanted) {
-            info!(
-                ifindex,
-                "detaching from an interface that no longer leads to a local pod"
-            );
-            datapath.detach(*ifindex);
-        }
-    }
-
-    /// Attaches to new pod cgroups and detaches from the cgroups of gone pods.
-    fn attach_cgroups(
-        &mut self,
-        datapath: &mut Datapath,
-        cgroups: &BTreeMap<ObjectKey, crate::datapath::cgroups::PodCgroup>,
-    ) {
-        let pinned_before: BTreeSet<u64> = datapath.pinned_cgroup_links().into_iter().collect();
-        for (pod, cgroup) in cgroups {
-            if !pinned_before.contains(&cgroup.id) {
-                self.seed_flows(datapath, pod);
-            }
-            if let Err(error) = datapath.attach_cgroup(&cgroup.path, cgroup.id) {
-                warn!(%pod, %error, "cannot attach to the pod's cgroup");
-            }
-        }
-        let wanted: BTreeSet<u64> = cgroups.values().map(|c| c.id).collect();
-        for cgroup in datapath.pinned_cgroup_links() {
-            if !wanted.contains(&cgroup) {
-                datapath.detach_cgroup(cgroup);
-            }
-        }
-    }
-
-    /// Before Egret first judges a pod, the flows the kernel already tracks for it
-    /// become conntrack entries: connections it accepted earlier are not cut.
-    fn seed_flows(&self, datapath: &mut Datapath, pod: &ObjectKey) {
-        let Some(addresses) = self.snapshot.pods.get(pod).map(|p| p.ips.clone()) else {
-            return;
-        };
-        // Absent when the node does no connection tracking: nothing to seed.
-        let Ok(table) = std::fs::read_to_string("/proc/net/nf_conntrack") else {
-            return;
-        };
-        let flows =
-            crate::datapath::seed::flows_of(&crate::datapath::seed::parse(&table), &addresses);
-        if flows.is_empty() {
-            return;
-        }
-        match datapath.seed_flows(&flows) {
-            Ok(()) => {
-                info!(%pod, flows = flows.len(), "seeded established flows from the kernel's conntrack");
-            }
-            Err(error) => warn!(%pod, %error, "cannot seed established flows"),
-        }
-    }
-
-    /// Logs (when it changes) and counts the pods failing closed for want of room.
-    fn report_overflow(&mut self, compiled: &compile::Compiled, failed: &[u32]) {
-        let pods: Vec<String> = compiled
-            .tables
-            .endpoints
-            .iter()
-            .filter(|(_, entry)| failed.contains(&entry.id))
-            .map(|(pod, _)| pod.to_string())
-            .collect();
-        let labels = StateLabels {
-            state: "fail_closed".to_owned(),
-        };
-        self.metrics
-            .endpoints
-            .get_or_create(&labels)
-            .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
-        if pods != self.failed_closed {
-            if !pods.is_empty() {
-                tracing::error!(
-                    pods = %pods.join(", "),
-                    "the policy or CIDR table is full: these pods fail closed (they may send nothing) \
-                     until policies shrink or --max-policy-entries / --max-cidrs grow"
-                );
-                self.metrics.table_overflows.inc();
-            }
-            self.failed_closed = pods;
-        }
-    }
-
-    /// Hands the tables just programmed to the admin API and the flow log.
-    fn share(
-        &mut self,
-        compiled: compile::Compiled,
-        attachments: BTreeMap<ObjectKey, String>,
-        image: &KernelImage,
-        started: Instant,
-    ) {
-        self.ids = compiled.ids;
-        let mut addresses = BTreeMap::new();
-        for pod in self.snapshot.pods.values().filter(|p| p.takes_part()) {
-            for ip in &pod.ips {
-                let owner = AddressOwner {
-                    kind: "pod",
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                };
-                addresses.entry(*ip).or_insert(owner);
-            }
-        }
-        for service in self.snapshot.services.values() {
-            for ip in &service.virtual_ips {
-                let owner = AddressOwner {
-                    kind: "service",
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
-                };
-                addresses.entry(*ip).or_insert(owner);
-            }
-        }
-        *self
-            .live
-            .addresses
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = addresses;
-        self.live
-            .tier_rules
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone_from(&compiled.tables.tier_rules);
-        let pod_ips = compiled
-            .tables
-            .endpoints
-            .keys()
-            .filter_map(|key| {
-                self.snapshot
-                    .pods
-                    .get(key)
-                    .map(|pod| (key.clone(), pod.ips.clone()))
-            })
-            .collect();
-        let maps = image
-            .entry_counts()
-            .into_iter()
-            .zip(capacity_rows(self.capacities))
-            .map(|((map, entries), (_, capacity))| (map, entries, capacity))
-            .collect();
-        let tables = LiveTables {
-            node: self.node.clone(),
-            tables: compiled.tables,
-            attachments,
-            pod_ips,
-            policies: self.snapshot.policies.len(),
-            maps,
-            reconciled_at: std::time::SystemTime::now(),
-            reconcile_duration: started.elapsed(),
-        };
-        *self
-            .live
-            .tables
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(tables));
-    }
-
-    fn publish(
-        &mut self,
-        compiled: &compile::Compiled,
-        attachments: &BTreeMap<ObjectKey, String>,
-        image: &KernelImage,
-        started: Instant,
-    ) {
-        let now = Instant::now();
-        for received in self.batch.drain(..) {
-            self.metrics
-                .programming_latency
-                .observe(now.duration_since(received).as_secs_f64());
-        }
-        self.metrics
-            .reconcile_duration
-            .observe(started.elapsed().as_secs_f64());
-        for (kind, count) in [
-            ("NetworkPolicy", self.snapshot.policies.len()),
-            ("ClusterNetworkPolicy", self.snapshot.cluster_policies.len()),
-        ] {
-            let labels = KindLabels {
-                kind: kind.to_owned(),
-            };
-            self.metrics
-                .policies
-                .get_or_create(&labels)
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-        }
-        let enforced = attachments.len();
-        let waiting = compiled.tables.endpoints.len() - enforced;
-        for (state, count) in [("enforced", enforced), ("not_attached", waiting)] {
-            let labels = StateLabels {
-                state: state.to_owned(),
-            };
-            self.metrics
-                .endpoints
-                .get_or_create(&labels)
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-        }
-        for (map, count) in image.entry_counts() {
-            let labels = MapLabels {
-                map: map.to_owned(),
-            };
-            self.metrics
-                .map_entries
-                .get_or_create(&labels)
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-        }
-        let names: BTreeMap<u32, EndpointName> = compiled
-            .tables
-            .endpoints
-            .iter()
-            .map(|(pod, entry)| {
-                let policy_set = entry
-                    .isolated_by
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                (
-                    entry.id,
-                    EndpointName {
-                        pod: pod.clone(),
-                        policy_set,
-                    },
-                )
-            })
-            .collect();
-        *self
-            .metrics
-            .endpoint_names
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = names;
     }
 }

@@ -2,12 +2,9 @@
 //! maps pinned under the pin directory, attaches to pod interfaces, and writes the
 //! difference between the tables the kernel holds and the tables it should hold.
 
-pub mod cgroups;
 pub mod events;
 pub mod image;
-pub mod interfaces;
 mod pins;
-pub mod seed;
 
 use std::{
     collections::BTreeMap,
@@ -416,7 +413,7 @@ impl Datapath {
     }
 
     /// Writes flows the kernel's connection tracking already knows for a pod Egret has
-    /// just attached to (see [`seed`]), so its established connections go on.
+    /// just attached to (see [`crate::node::conntrack`]), so its established connections go on.
     ///
     /// # Errors
     /// When the conntrack map refuses an entry.

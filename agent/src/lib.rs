@@ -6,6 +6,7 @@ pub mod admin_client;
 pub mod agent;
 pub mod compile;
 pub mod datapath;
+pub mod node;
 pub mod observe;
 pub mod policy;
 pub mod simulate;

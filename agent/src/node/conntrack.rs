@@ -4,12 +4,19 @@
 
 use std::net::IpAddr;
 
-use egret_common::{
-    maps::{FLOW_ORIGIN_INBOUND, FLOW_ORIGIN_OUTBOUND, FlowKey},
-    proto,
-};
+use egret_common::proto;
 
-use super::image::ip_key;
+/// Where the kernel's connection tracking table of this network namespace is read.
+const PROC_TABLE: &str = "/proc/net/nf_conntrack";
+
+/// The connections the node's conntrack tracks now; `None` when the node does no
+/// connection tracking (the table is absent): then there is nothing to seed.
+#[must_use]
+pub fn read() -> Option<Vec<Tracked>> {
+    std::fs::read_to_string(PROC_TABLE)
+        .ok()
+        .map(|text| parse(&text))
+}
 
 /// One tracked connection: the original and the reply direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,25 +73,46 @@ fn parse_line(line: &str) -> Option<Tracked> {
     is_flow.then_some(tracked)
 }
 
-/// The conntrack entries to write for the pods with `addresses`: a connection a pod
-/// answered is one it accepted (its replies pass); one it opened is its own.
+/// Who opened a flow, seen from the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The pod accepted it: its replies pass whatever its egress policy says.
+    Inbound,
+    /// The pod opened it.
+    Outbound,
+}
+
+/// One flow of a pod, in the direction the pod sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodFlow {
+    pub protocol: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub origin: Origin,
+}
+
+/// The flows of the pod with `addresses`: a connection the pod answered is one it
+/// accepted; one it opened is its own.
 #[must_use]
-pub fn flows_of(tracked: &[Tracked], addresses: &[IpAddr]) -> Vec<(FlowKey, u8)> {
-    let key = |(src, dst, src_port, dst_port): (IpAddr, IpAddr, u16, u16), protocol| FlowKey {
-        src: ip_key(src).addr,
-        dst: ip_key(dst).addr,
-        src_port,
-        dst_port,
-        protocol,
-        pad: [0; 3],
-    };
+pub fn flows_of(tracked: &[Tracked], addresses: &[IpAddr]) -> Vec<PodFlow> {
+    let flow =
+        |(src, dst, src_port, dst_port): (IpAddr, IpAddr, u16, u16), protocol, origin| PodFlow {
+            protocol,
+            src,
+            dst,
+            src_port,
+            dst_port,
+            origin,
+        };
     tracked
         .iter()
         .filter_map(|t| {
             if addresses.contains(&t.reply.0) {
-                Some((key(t.reply, t.protocol), FLOW_ORIGIN_INBOUND))
+                Some(flow(t.reply, t.protocol, Origin::Inbound))
             } else if addresses.contains(&t.original.0) {
-                Some((key(t.original, t.protocol), FLOW_ORIGIN_OUTBOUND))
+                Some(flow(t.original, t.protocol, Origin::Outbound))
             } else {
                 None
             }
@@ -115,21 +143,22 @@ garbage line
             .collect();
         let flows = flows_of(&tracked, &pods);
         assert_eq!(flows.len(), 4, "the unrelated connection is left out");
-        let (accepted, origin) = flows[0];
-        assert_eq!(origin, FLOW_ORIGIN_INBOUND);
+        let accepted = flows[0];
+        assert_eq!(accepted.origin, Origin::Inbound);
         assert_eq!(
             (accepted.src_port, accepted.dst_port, accepted.protocol),
             (8080, 40000, proto::TCP)
         );
-        assert_eq!(accepted.src, ip_key("10.77.0.1".parse().unwrap()).addr);
+        assert_eq!(accepted.src, "10.77.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(
-            flows[1].1, FLOW_ORIGIN_OUTBOUND,
+            flows[1].origin,
+            Origin::Outbound,
             "the pod opened the DNS query"
         );
         assert_eq!(
-            (flows[2].0.src_port, flows[2].0.dst_port, flows[2].1),
-            (77, 77, FLOW_ORIGIN_INBOUND)
+            (flows[2].src_port, flows[2].dst_port, flows[2].origin),
+            (77, 77, Origin::Inbound)
         );
-        assert_eq!(flows[3].1, FLOW_ORIGIN_INBOUND);
+        assert_eq!(flows[3].origin, Origin::Inbound);
     }
 }

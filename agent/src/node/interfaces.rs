@@ -194,7 +194,7 @@ pub async fn watch_changes(changed: tokio::sync::mpsc::Sender<()>) -> Result<(),
     }
     tokio::spawn(connection);
     // Joined before the dump: a change racing it is seen twice, never missed.
-    let mut view = NodeView::default();
+    let mut view = RouteView::default();
     view.prime(&handle).await;
     while let Some((message, _)) = messages.next().await {
         let NetlinkPayload::InnerMessage(message) = message.payload else {
@@ -210,7 +210,7 @@ pub async fn watch_changes(changed: tokio::sync::mpsc::Sender<()>) -> Result<(),
 /// The node's links (by index) and routes, as far as they decide which interface leads
 /// to a pod address.
 #[derive(Debug, Default)]
-pub struct NodeView {
+pub struct RouteView {
     links: BTreeMap<u32, Option<String>>,
     routes: BTreeMap<RouteKey, RouteTarget>,
 }
@@ -234,7 +234,7 @@ struct RouteTarget {
     indirect: bool,
 }
 
-impl NodeView {
+impl RouteView {
     /// Fills the view from a dump of the current links and routes.
     async fn prime(&mut self, handle: &Handle) {
         use std::net::{Ipv4Addr, Ipv6Addr};
@@ -359,7 +359,7 @@ mod tests {
 
     #[test]
     fn only_links_appearing_going_or_renamed_count() {
-        let mut view = NodeView::default();
+        let mut view = RouteView::default();
         assert!(view.absorb(&RouteNetlinkMessage::NewLink(link(5, Some("veth5")))));
         assert!(
             !view.absorb(&RouteNetlinkMessage::NewLink(link(5, Some("veth5")))),
@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn only_routes_appearing_going_or_moving_count() {
-        let mut view = NodeView::default();
+        let mut view = RouteView::default();
         let route = pod_route([10, 0, 0, 1], 5);
         assert!(view.absorb(&RouteNetlinkMessage::NewRoute(route.clone())));
         assert!(!view.absorb(&RouteNetlinkMessage::NewRoute(route.clone())));

@@ -12,6 +12,7 @@
 //! describing the run, so `cargo xtask bench --report-only` can render the report
 //! again from them, after a change to the report's code, running nothing.
 
+mod agent_latency;
 mod memory;
 mod report;
 mod throughput;
@@ -66,6 +67,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             memory::run as fn(&Path, Scale) -> anyhow::Result<Vec<Value>>,
         ),
         ("throughput", throughput::run),
+        ("agent change latency", agent_latency::run),
     ]
     .map(|(stage, run)| {
         eprintln!("bench: {stage}");

@@ -7,6 +7,8 @@ use serde_json::Value;
 
 use super::Summary;
 
+mod agent_latency;
+
 pub struct Context {
     pub command: String,
     /// When the run ended, as `date -u` prints it.
@@ -199,6 +201,10 @@ fn targets(out: &mut String, results: &[Value]) {
                 compile_target(results),
                 memory_target(results),
             ],
+        ),
+        (
+            "Issue 12, control plane at scale",
+            agent_latency::targets(results),
         ),
     ];
     for (title, verdicts) in groups {
@@ -1338,6 +1344,7 @@ fn control_plane(out: &mut String, results: &[Value]) {
     out.push_str("## Control plane\n\n");
     compile_table(out, results);
     latency_table(out, results);
+    agent_latency::table(out, results);
     programming_table(out, results);
     memory_table(out, results);
 }

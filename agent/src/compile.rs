@@ -46,7 +46,9 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IdentityKey {
     pub namespace: String,
-    pub labels: Labels,
+    /// Shared with the pods (cloning it for every peer pod at each compile cost a
+    /// label map per cluster pod).
+    pub labels: Arc<Labels>,
     /// Sorted, so equal sets compare equal.
     pub named_ports: Vec<NamedPort>,
 }
@@ -58,7 +60,7 @@ impl IdentityKey {
         named_ports.dedup();
         Self {
             namespace: pod.namespace.clone(),
-            labels: pod.labels.clone(),
+            labels: Arc::clone(&pod.labels),
             named_ports,
         }
     }

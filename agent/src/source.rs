@@ -4,6 +4,7 @@
 pub mod kube;
 pub mod manifest;
 pub mod objects;
+pub mod trimmed;
 
 use std::{collections::BTreeMap, time::Instant};
 

@@ -35,7 +35,7 @@ pub fn mk_pod(namespace: &str, name: &str, pairs: &[(&str, &str)], ips: &[&str])
     Pod {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
-        labels: labels(pairs),
+        labels: std::sync::Arc::new(labels(pairs)),
         node_name: Some("node-1".to_owned()),
         host_network: false,
         phase: PodPhase::Running,

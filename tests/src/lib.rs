@@ -29,6 +29,7 @@
 //! [`require_root`] first.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cluster;
 pub mod flood;
 pub mod frames;

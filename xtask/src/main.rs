@@ -44,6 +44,10 @@ enum Task {
         /// A shorter run (under 3 minutes).
         #[arg(long)]
         quick: bool,
+        /// Run only this stage and print its part of the report; BENCHMARKS.md is left
+        /// as it is (raw results: target/bench-results-STAGE.jsonl).
+        #[arg(long, value_enum, conflicts_with = "report_only")]
+        stage: Option<bench::Stage>,
         /// Run nothing: render BENCHMARKS.md again from the raw results of a run.
         #[arg(long, conflicts_with = "quick")]
         report_only: bool,
@@ -96,9 +100,12 @@ fn main() -> anyhow::Result<()> {
             output,
             ..
         } => bench::report_only(results.as_deref(), output.as_deref()),
-        Task::Bench { quick, .. } => {
+        Task::Bench { quick, stage, .. } => {
             setup::run()?;
-            bench::run(quick)
+            match stage {
+                Some(stage) => bench::run_stage(stage, quick),
+                None => bench::run(quick),
+            }
         }
         Task::Demo => {
             setup::run()?;

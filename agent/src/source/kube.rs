@@ -1,8 +1,10 @@
 //! The API server as a source: one watcher per kind (Pods, Namespaces,
 //! NetworkPolicies, ClusterNetworkPolicies, Services, EndpointSlices), with kube-rs's
 //! default backoff; a watcher re-lists by itself after `410 Gone` or a dropped
-//! connection, and asks for bookmarks. Objects are trimmed to the snapshot's types as they arrive, so the agent
-//! keeps only what policy needs. A failing watch changes nothing: each kind is a source
+//! connection, and asks for bookmarks. Objects are read trimmed ([`super::trimmed`]:
+//! what a served object carries beyond what policy reads is skipped while the JSON is
+//! read) and converted to the snapshot's types as they arrive; nothing else keeps them
+//! (no reflector store), and the pods' label sets are shared (`LabelSets`). A failing watch changes nothing: each kind is a source
 //! that goes stale ([`Update::Failed`]) with its last good objects kept, and recovers
 //! when the watch delivers again or the API server answers again.
 //!
@@ -18,10 +20,7 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::{
-    api::{core::v1 as core, discovery::v1 as discovery, networking::v1 as networking},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Resource,
     api::ListParams,
@@ -34,13 +33,14 @@ use tracing::{debug, info, warn};
 use super::{
     Object, ObjectId, Update,
     objects::{self, DEFAULT_NAMESPACE},
+    trimmed,
 };
 use crate::{
     policy::{
         self,
         cluster::convert::{self as cluster, ClusterNetworkPolicyObject},
     },
-    state::ObjectKey,
+    state::{LabelSets, ObjectKey},
 };
 
 /// The kinds watched; each reports `Update::Synced` once after its first full list
@@ -97,30 +97,33 @@ impl Resource for ClusterNetworkPolicyObject {
 /// Watches every kind until the receiver is gone; `crd_recheck` is how often the API
 /// server is asked whether the `ClusterNetworkPolicy` CRD appeared ([`CRD_RECHECK`]).
 pub async fn run(client: Client, updates: mpsc::Sender<Update>, crd_recheck: Duration) {
+    // Lives as long as the pod watch: label sets of pods gone are pruned as it goes.
+    let mut label_sets = LabelSets::default();
     tokio::join!(
-        watch::<core::Namespace>(client.clone(), updates.clone(), "Namespace", |ns| {
+        watch::<trimmed::Namespace>(client.clone(), updates.clone(), "Namespace", |ns| {
             Ok(Object::Namespace(objects::namespace(ns)))
         }),
-        watch::<core::Pod>(client.clone(), updates.clone(), "Pod", |pod| {
-            objects::pod(pod)
+        watch::<trimmed::Pod>(client.clone(), updates.clone(), "Pod", move |pod| {
+            objects::pod(pod, &mut label_sets)
                 .map(Object::Pod)
                 .map_err(|e| e.to_string())
         }),
-        watch::<networking::NetworkPolicy>(client.clone(), updates.clone(), "NetworkPolicy", |p| {
-            let converted = policy::convert::network_policy_failing_closed(p, DEFAULT_NAMESPACE)
-                .map_err(|e| e.to_string())?;
+        watch::<trimmed::NetworkPolicy>(client.clone(), updates.clone(), "NetworkPolicy", |p| {
+            let converted =
+                policy::convert::network_policy_failing_closed(&p.into_full(), DEFAULT_NAMESPACE)
+                    .map_err(|e| e.to_string())?;
             for failed in &converted.failed_closed {
                 warn!(kind = "NetworkPolicy", object = %converted.policy.id, "{failed}");
             }
             Ok(Object::Policy(converted.policy))
         }),
         watch_cluster_policies(client.clone(), updates.clone(), crd_recheck),
-        watch::<core::Service>(client.clone(), updates.clone(), "Service", |s| {
+        watch::<trimmed::Service>(client.clone(), updates.clone(), "Service", |s| {
             objects::service(s)
                 .map(Object::Service)
                 .map_err(|e| e.to_string())
         }),
-        watch::<discovery::EndpointSlice>(client, updates, "EndpointSlice", |s| {
+        watch::<trimmed::EndpointSlice>(client, updates, "EndpointSlice", |s| {
             objects::endpoint_slice(s)
                 .map(Object::EndpointSlice)
                 .map_err(|e| e.to_string())
@@ -144,7 +147,7 @@ async fn watch<K>(
     client: Client,
     updates: mpsc::Sender<Update>,
     kind: &'static str,
-    convert: impl Fn(&K) -> Result<Object, String>,
+    mut convert: impl FnMut(K) -> Result<Object, String>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     K::DynamicType: Default,
@@ -154,7 +157,7 @@ async fn watch<K>(
         Api::all(client),
         &updates,
         kind,
-        &convert,
+        &mut convert,
         &mut synced,
         false,
     )
@@ -246,7 +249,7 @@ async fn watch_cluster_policies(client: Client, updates: mpsc::Sender<Update>, r
             api.clone(),
             &updates,
             kind,
-            &convert_cluster_policy,
+            &mut |object| convert_cluster_policy(&object),
             &mut synced,
             true,
         )
@@ -280,7 +283,7 @@ async fn watch_served<K>(
     api: Api<K>,
     updates: &mpsc::Sender<Update>,
     kind: &'static str,
-    convert: &impl Fn(&K) -> Result<Object, String>,
+    convert: &mut impl FnMut(K) -> Result<Object, String>,
     synced: &mut bool,
     may_be_absent: bool,
 ) -> Ended
@@ -361,7 +364,7 @@ where
                 return Ended::Stopped;
             }
         }
-        let Some(update) = update_for(kind, event, &mut listing, &convert) else {
+        let Some(update) = update_for(kind, event, &mut listing, convert) else {
             continue;
         };
         let first_sync = matches!(update, Update::ReplaceKind { .. }) && !*synced;
@@ -396,7 +399,7 @@ fn update_for<K: Resource>(
     kind: &'static str,
     event: watcher::Event<K>,
     listing: &mut Option<Vec<Object>>,
-    convert: &impl Fn(&K) -> Result<Object, String>,
+    convert: &mut impl FnMut(K) -> Result<Object, String>,
 ) -> Option<Update> {
     let received = Instant::now();
     let update = match event {
@@ -405,8 +408,8 @@ fn update_for<K: Resource>(
             return None;
         }
         watcher::Event::InitApply(object) => {
-            if let (Some(listing), Some(converted)) =
-                (listing.as_mut(), checked(kind, &object, convert))
+            if let Some(listing) = listing.as_mut()
+                && let Ok(converted) = checked(kind, object, convert)
             {
                 listing.push(converted);
             }
@@ -421,16 +424,13 @@ fn update_for<K: Resource>(
                 received,
             }
         }
-        watcher::Event::Apply(object) => match checked(kind, &object, convert) {
-            Some(converted) => Update::Apply {
+        watcher::Event::Apply(object) => match checked(kind, object, convert) {
+            Ok(converted) => Update::Apply {
                 object: converted,
                 received,
             },
             // A broken object counts as absent: the rest keeps being enforced.
-            None => Update::Delete {
-                id: object_id(kind, &object),
-                received,
-            },
+            Err(id) => Update::Delete { id, received },
         },
         watcher::Event::Delete(object) => Update::Delete {
             id: object_id(kind, &object),
@@ -440,19 +440,18 @@ fn update_for<K: Resource>(
     Some(update)
 }
 
+/// The object converted, or (after saying why) the id of one Egret cannot read.
 fn checked<K: Resource>(
     kind: &'static str,
-    object: &K,
-    convert: &impl Fn(&K) -> Result<Object, String>,
-) -> Option<Object> {
-    match convert(object) {
-        Ok(converted) => Some(converted),
-        Err(problem) => {
-            let id = object_id(kind, object);
-            warn!(kind, object = %id.key, %problem, "skipping an object Egret cannot read");
-            None
-        }
-    }
+    object: K,
+    convert: &mut impl FnMut(K) -> Result<Object, String>,
+) -> Result<Object, ObjectId> {
+    // Taken before the object moves into the conversion; only a failure uses it.
+    let id = object_id(kind, &object);
+    convert(object).map_err(|problem| {
+        warn!(kind, object = %id.key, %problem, "skipping an object Egret cannot read");
+        id
+    })
 }
 
 #[cfg(test)]

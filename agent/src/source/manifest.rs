@@ -8,26 +8,29 @@
 
 use std::{
     fmt,
+    io::BufRead,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use k8s_openapi::{
-    api::{core::v1 as core, discovery::v1 as discovery, networking::v1 as networking},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    api::networking::v1 as networking, apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use super::objects::{self, DEFAULT_NAMESPACE};
+use super::{
+    objects::{self, DEFAULT_NAMESPACE},
+    trimmed,
+};
 use crate::{
     policy::{
         self,
         cluster::convert::{self as cluster, ClusterNetworkPolicyObject, CnpField},
     },
-    state::Snapshot,
+    state::{LabelSets, Snapshot},
 };
 
 /// What a manifest directory holds, and what was wrong with it.
@@ -164,11 +167,14 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
     files.sort();
     let mut loader = Loader::default();
     for file in &files {
-        let text = std::fs::read_to_string(file).map_err(|source| ManifestError::ReadFile {
+        let read_file_error = |source| ManifestError::ReadFile {
             file: file.clone(),
             source,
-        })?;
-        loader.add_text(file, &text);
+        };
+        let reader = std::fs::File::open(file).map_err(read_file_error)?;
+        loader
+            .add_reader(file, std::io::BufReader::new(reader))
+            .map_err(read_file_error)?;
     }
     Ok(Manifests {
         snapshot: loader.snapshot,
@@ -185,25 +191,48 @@ pub struct Loader {
     pub problems: Vec<ManifestError>,
     pub unread: Vec<Unread>,
     seen: std::collections::BTreeMap<(String, String), PathBuf>,
+    label_sets: LabelSets,
 }
 
 impl Loader {
     pub fn add_text(&mut self, file: &Path, text: &str) {
-        for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            match Value::deserialize(document) {
-                Ok(Value::Null) => {}
-                Ok(value) => self.add_value(file, value),
-                Err(source) => {
-                    self.problems.push(ManifestError::Yaml {
-                        file: file.to_owned(),
-                        document: index + 1,
-                        source,
-                    });
-                    // A syntax error ends the stream: later documents cannot be located.
-                    break;
+        // Lines of a string always read; were one not to, it would be said.
+        if let Err(source) = self.add_reader(file, text.as_bytes()) {
+            self.problems.push(ManifestError::ReadFile {
+                file: file.to_owned(),
+                source,
+            });
+        }
+    }
+
+    /// Reads `file`'s YAML stream one document at a time: only one document's text and
+    /// value are held at once, never the whole file. A document that does not parse is
+    /// a problem, and the next one is read.
+    ///
+    /// # Errors
+    /// When `reader` fails, or what it reads is not UTF-8.
+    pub fn add_reader(&mut self, file: &Path, reader: impl BufRead) -> std::io::Result<()> {
+        let mut index = 0;
+        for text in Documents::new(reader) {
+            let text = text?;
+            for document in serde_yaml_ng::Deserializer::from_str(&text) {
+                index += 1;
+                match Value::deserialize(document) {
+                    Ok(Value::Null) => {}
+                    Ok(value) => self.add_value(file, value),
+                    Err(source) => {
+                        self.problems.push(ManifestError::Yaml {
+                            file: file.to_owned(),
+                            document: index,
+                            source,
+                        });
+                        // Whatever is left of this document cannot be located.
+                        break;
+                    }
                 }
             }
         }
+        Ok(())
     }
 
     fn add_value(&mut self, file: &Path, value: Value) {
@@ -213,8 +242,10 @@ impl Loader {
             .unwrap_or("")
             .to_owned();
         if kind == "List" || kind.ends_with("List") {
-            if let Some(Value::Sequence(items)) = value.get("items") {
-                for item in items.clone() {
+            if let Value::Mapping(mut list) = value
+                && let Some(Value::Sequence(items)) = list.remove("items")
+            {
+                for item in items {
                     self.add_value(file, item);
                 }
             }
@@ -257,17 +288,19 @@ impl Loader {
         self.seen
             .insert((kind.clone(), namespaced_name), file.to_owned());
         let result = match kind.as_str() {
-            "Namespace" => typed::<core::Namespace>(&location, &value)
-                .map(|ns| self.snapshot.insert_namespace(objects::namespace(&ns))),
-            "Pod" => typed::<core::Pod>(&location, &value)
-                .and_then(|pod| objects::pod(&pod).map_err(|e| malformed(&location, e)))
+            "Namespace" => typed::<trimmed::Namespace>(&location, &value)
+                .map(|ns| self.snapshot.insert_namespace(objects::namespace(ns))),
+            "Pod" => typed::<trimmed::Pod>(&location, &value)
+                .and_then(|pod| {
+                    objects::pod(pod, &mut self.label_sets).map_err(|e| malformed(&location, e))
+                })
                 .map(|pod| self.snapshot.insert_pod(pod)),
-            "Service" => typed::<core::Service>(&location, &value)
-                .and_then(|service| objects::service(&service).map_err(|e| malformed(&location, e)))
+            "Service" => typed::<trimmed::Service>(&location, &value)
+                .and_then(|service| objects::service(service).map_err(|e| malformed(&location, e)))
                 .map(|service| self.snapshot.insert_service(service)),
-            "EndpointSlice" => typed::<discovery::EndpointSlice>(&location, &value)
+            "EndpointSlice" => typed::<trimmed::EndpointSlice>(&location, &value)
                 .and_then(|slice| {
-                    objects::endpoint_slice(&slice).map_err(|e| malformed(&location, e))
+                    objects::endpoint_slice(slice).map_err(|e| malformed(&location, e))
                 })
                 .map(|slice| self.snapshot.insert_endpoint_slice(slice)),
             cluster::KIND => self.add_cluster_policy(&location, value),
@@ -420,6 +453,60 @@ impl Loader {
     }
 }
 
+/// A YAML stream's documents, split as it is read: a document starts at a `---` line
+/// and ends before the next one, or with a `...` line. YAML forbids either marker at
+/// the start of a line inside a document (in block scalars too), so a line that starts
+/// with one always is one. Comments and directives before a `---` go with the document
+/// it starts.
+struct Documents<R> {
+    reader: R,
+    /// The start of the next document, read while finding the end of one.
+    next: Option<String>,
+}
+
+impl<R: BufRead> Documents<R> {
+    fn new(reader: R) -> Self {
+        Self { reader, next: None }
+    }
+}
+
+/// `line` is `marker` alone or followed by a space (content, a comment, a tag).
+fn is_marker(line: &str, marker: &str) -> bool {
+    line.strip_prefix(marker)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+}
+
+impl<R: BufRead> Iterator for Documents<R> {
+    type Item = std::io::Result<String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut document = self.next.take().unwrap_or_default();
+        // Whether the document holds more than comments, blank lines and directives.
+        let mut has_content = is_marker(&document, "---");
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return (!document.is_empty()).then_some(Ok(document)),
+                Ok(_) => {}
+                Err(error) => return Some(Err(error)),
+            }
+            if is_marker(&line, "---") && has_content {
+                self.next = Some(line);
+                return Some(Ok(document));
+            }
+            let ends = is_marker(&line, "...");
+            let trimmed = line.trim_start();
+            has_content |= !(trimmed.is_empty()
+                || trimmed.starts_with('#')
+                || (!has_content && line.starts_with('%')));
+            document.push_str(&line);
+            if ends {
+                return Some(Ok(document));
+            }
+        }
+    }
+}
+
 /// `N` when `field` is inside `spec.egress[N]`.
 fn egress_rule_index(field: &str) -> Option<usize> {
     field
@@ -473,25 +560,25 @@ trait HasMetadata {
     fn metadata(&self) -> &ObjectMeta;
 }
 
-impl HasMetadata for core::Namespace {
+impl HasMetadata for trimmed::Namespace {
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
     }
 }
 
-impl HasMetadata for core::Pod {
+impl HasMetadata for trimmed::Pod {
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
     }
 }
 
-impl HasMetadata for core::Service {
+impl HasMetadata for trimmed::Service {
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
     }
 }
 
-impl HasMetadata for discovery::EndpointSlice {
+impl HasMetadata for trimmed::EndpointSlice {
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
     }
@@ -539,8 +626,11 @@ pub async fn watch(
     let (mut failing, mut synced) = (false, false);
     // Reported once each, not at every re-read.
     let mut unread_before: Vec<Unread> = Vec::new();
+    // When the first change of the burst being read was seen: programming latency
+    // counts from there, the burst's wait and the re-read included.
+    let mut first_change: Option<std::time::Instant> = None;
     loop {
-        let received = std::time::Instant::now();
+        let received = first_change.take().unwrap_or_else(std::time::Instant::now);
         if watcher.is_none() {
             watcher = watch_contents(&dir, changed_tx.clone());
         }
@@ -595,6 +685,7 @@ pub async fn watch(
         }
         tokio::select! {
             _ = changed.recv() => {
+                first_change = Some(std::time::Instant::now());
                 // Editors and `kubectl` write in bursts: wait for the burst to end.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changed.try_recv().is_ok() {}

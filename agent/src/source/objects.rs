@@ -1,14 +1,15 @@
-//! Kubernetes API objects -> the snapshot's trimmed types. Shared by every source, so
-//! the manifest directory and the API server are read the same way.
+//! Kubernetes objects, as read ([`super::trimmed`]) -> the snapshot's types. Shared by
+//! every source, so the manifest directory and the API server are read the same way.
+//! Objects are taken by value: their strings move into the snapshot.
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use thiserror::Error;
 
+use super::trimmed;
 use crate::{
     policy::{NamedPort, Protocol},
-    state::{EndpointSlice, Namespace, Pod, PodPhase, Service, ServicePort},
+    state::{EndpointSlice, LabelSets, Namespace, Pod, PodPhase, Service, ServicePort},
 };
 
 /// Namespace of objects that do not name one (as `kubectl apply` assumes).
@@ -54,18 +55,19 @@ fn address(text: &str, field: &str) -> Result<IpAddr, FieldError> {
 }
 
 #[must_use]
-pub fn namespace(namespace: &core::Namespace) -> Namespace {
+pub fn namespace(namespace: trimmed::Namespace) -> Namespace {
     Namespace {
-        name: namespace.metadata.name.clone().unwrap_or_default(),
-        labels: namespace.metadata.labels.clone().unwrap_or_default(),
+        name: namespace.metadata.name.unwrap_or_default(),
+        labels: namespace.metadata.labels.unwrap_or_default(),
     }
 }
 
-/// Trims a pod to what policy needs.
+/// Trims a pod to what policy needs; its labels are shared with the pods of
+/// `label_sets` that carry the same ones.
 ///
 /// # Errors
 /// An address that does not parse, or a container port with a bad protocol or number.
-pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
+pub fn pod(pod: trimmed::Pod, label_sets: &mut LabelSets) -> Result<Pod, FieldError> {
     let status = pod.status.as_ref();
     let spec = pod.spec.as_ref();
     let listed: Vec<(String, &str)> = match status.and_then(|s| s.pod_ips.as_ref()) {
@@ -104,20 +106,23 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
             });
         }
     }
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let phase = status
+        .and_then(|s| s.phase.as_deref())
+        .map_or(PodPhase::Pending, PodPhase::from_name);
+    let metadata = pod.metadata;
+    ips.shrink_to_fit();
+    named_ports.shrink_to_fit();
     Ok(Pod {
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        namespace: pod
-            .metadata
+        uid: metadata.uid.unwrap_or_default(),
+        namespace: metadata
             .namespace
-            .clone()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        node_name: spec.and_then(|s| s.node_name.clone()),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        phase: status
-            .and_then(|s| s.phase.as_deref())
-            .map_or(PodPhase::Pending, PodPhase::from_name),
+        name: metadata.name.unwrap_or_default(),
+        labels: label_sets.intern(metadata.labels.unwrap_or_default()),
+        node_name: pod.spec.and_then(|s| s.node_name),
+        host_network,
+        phase,
         ips,
         named_ports,
     })
@@ -127,8 +132,8 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
 ///
 /// # Errors
 /// An address that does not parse, or a port with a bad protocol or number.
-pub fn service(service: &core::Service) -> Result<Service, FieldError> {
-    let spec = service.spec.clone().unwrap_or_default();
+pub fn service(service: trimmed::Service) -> Result<Service, FieldError> {
+    let spec = service.spec.unwrap_or_default();
     let mut texts: Vec<(String, String)> = Vec::new();
     match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => {
@@ -194,9 +199,8 @@ pub fn service(service: &core::Service) -> Result<Service, FieldError> {
         namespace: service
             .metadata
             .namespace
-            .clone()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        name: service.metadata.name.clone().unwrap_or_default(),
+        name: service.metadata.name.unwrap_or_default(),
         virtual_ips,
         ports,
     })
@@ -206,7 +210,7 @@ pub fn service(service: &core::Service) -> Result<Service, FieldError> {
 ///
 /// # Errors
 /// An address that does not parse, or a port with a bad protocol or number.
-pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice, FieldError> {
+pub fn endpoint_slice(slice: trimmed::EndpointSlice) -> Result<EndpointSlice, FieldError> {
     let service = slice
         .metadata
         .labels
@@ -237,9 +241,8 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         namespace: slice
             .metadata
             .namespace
-            .clone()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        name: slice.metadata.name.clone().unwrap_or_default(),
+        name: slice.metadata.name.unwrap_or_default(),
         service,
         ports,
         ready_addresses,

@@ -1,13 +1,19 @@
-//! The agent's memory on generated clusters: `egret run` on a manifest directory of 10k
-//! (and 100k) pods, in a node namespace whose 100 local pods are real (namespaces and
-//! veths), until its first full sync is programmed; then its peak resident memory
-//! (`VmHWM`) and the BPF memory of the maps it holds (`memlock` in fdinfo).
+//! The agent's memory on generated clusters of 1k, 10k and 100k pods, read two ways:
+//! through the Kubernetes source (`egret run --kubeconfig`) from a list/watch API
+//! server serving the cluster (the production path: paged lists of objects as a
+//! cluster serves them, watches held open), and from a manifest directory holding the
+//! cluster as one YAML file. The agent runs in a node namespace whose 100 local pods
+//! are real (namespaces and veths) until its first full sync is programmed; then its
+//! peak resident memory (`VmHWM`), its resident memory, and the BPF memory of the maps
+//! it holds (`memlock` in fdinfo). The 1k-pod cluster is the baseline: what the agent
+//! needs whatever the cluster's size.
 
 use std::{collections::BTreeMap, net::Ipv6Addr, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
 use egret_testbed::{
-    Topology, agent::AgentProcess, cluster::GeneratedCluster, manifests::write_file,
+    Topology, agent::AgentProcess, apiserver::ClusterApiServer, cluster::GeneratedCluster,
+    manifests::write_file,
 };
 use serde_json::{Value, json};
 
@@ -15,6 +21,25 @@ use super::{Scale, ScratchDir, wait_for};
 
 /// The agent logs this once its first full reconcile is in the kernel.
 const READY_LOG: &str = "first full sync programmed";
+
+/// Where the measured agent reads the cluster from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `--kubeconfig`: the API server.
+    Kubernetes,
+    /// `--manifests`: a directory of YAML.
+    Manifests,
+}
+
+impl Source {
+    /// As the raw results and the report name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Kubernetes => "kubernetes",
+            Source::Manifests => "manifests",
+        }
+    }
+}
 
 pub fn run(agent: &Path, scale: Scale) -> anyhow::Result<Vec<Value>> {
     // The 1k-pod cluster shows what the agent needs whatever the cluster's size.
@@ -24,13 +49,23 @@ pub fn run(agent: &Path, scale: Scale) -> anyhow::Result<Vec<Value>> {
         &[(1_000, 100), (10_000, 1_000), (100_000, 10_000)]
     };
     let mut results = Vec::new();
-    for &(pods, policies) in sizes {
-        results.push(measure(agent, &GeneratedCluster::new(pods, policies))?);
+    for source in [Source::Kubernetes, Source::Manifests] {
+        for &(pods, policies) in sizes {
+            let cluster = GeneratedCluster::new(pods, policies);
+            let row = measure(agent, &cluster, source)
+                .with_context(|| format!("{} pods through {}", pods, source.name()))?;
+            eprintln!(
+                "bench: agent memory, {pods} pods through {}: peak {} KiB",
+                source.name(),
+                row["vm_hwm_kib"]
+            );
+            results.push(row);
+        }
     }
     Ok(results)
 }
 
-fn measure(agent: &Path, cluster: &GeneratedCluster) -> anyhow::Result<Value> {
+fn measure(agent: &Path, cluster: &GeneratedCluster, source: Source) -> anyhow::Result<Value> {
     let topology = Topology::new()?;
     let started = std::time::Instant::now();
     for (n, index) in cluster.local_indexes().enumerate() {
@@ -39,20 +74,36 @@ fn measure(agent: &Path, cluster: &GeneratedCluster) -> anyhow::Result<Value> {
         topology.add_pod(&name, GeneratedCluster::pod_ipv4(index), ipv6)?;
     }
     let pods_made = started.elapsed();
-    let manifests = ScratchDir::new("memory")?;
-    let yaml = cluster.yaml();
-    write_file(manifests.path(), "cluster.yaml", &yaml)?;
-
+    let scratch = ScratchDir::new("memory")?;
     let pin_dir = AgentProcess::unique_pin_dir();
-    let started = std::time::Instant::now();
-    let mut process = AgentProcess::start(
-        &topology,
-        agent,
-        manifests.path(),
-        &pin_dir,
-        &["--metrics-addr", "off", "--resync-seconds", "3600"],
-    )?;
-    // A 100k-pod cluster takes a few seconds to parse and compile on two cores.
+    let args = ["--metrics-addr", "off", "--resync-seconds", "3600"];
+    // Kept until the agent is measured: the server holds its watches open.
+    let mut api_server = None;
+    let (started, mut process, input_bytes) = match source {
+        Source::Kubernetes => {
+            let server = ClusterApiServer::start(topology.node_netns(), cluster)?;
+            let kubeconfig = server.write_kubeconfig(scratch.path())?;
+            let bytes = server.object_bytes();
+            api_server = Some(server);
+            let started = std::time::Instant::now();
+            let process = AgentProcess::start_with_kubeconfig(
+                &topology,
+                agent,
+                &kubeconfig,
+                &pin_dir,
+                &args,
+            )?;
+            (started, process, bytes)
+        }
+        Source::Manifests => {
+            let yaml = cluster.yaml();
+            write_file(scratch.path(), "cluster.yaml", &yaml)?;
+            let started = std::time::Instant::now();
+            let process = AgentProcess::start(&topology, agent, scratch.path(), &pin_dir, &args)?;
+            (started, process, yaml.len())
+        }
+    };
+    // A 100k-pod cluster takes a few seconds to read and compile on two cores.
     if !wait_for(Duration::from_mins(5), || process.log().contains(READY_LOG)) {
         bail!(
             "the agent did not report its first sync ({READY_LOG:?}):\n{}",
@@ -83,20 +134,31 @@ fn measure(agent: &Path, cluster: &GeneratedCluster) -> anyhow::Result<Value> {
     let rss_kib = field("VmRSS:").context("no VmRSS")?;
     let maps = map_memory(pid)?;
     let map_bytes: u64 = maps.values().map(|(_, bytes)| bytes).sum();
+    let (list_pages, watches) = api_server.as_ref().map_or((0, 0), |server| {
+        let served = server.served();
+        (
+            served.list_pages.load(std::sync::atomic::Ordering::Relaxed),
+            served.watches.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
     drop(process);
+    drop(api_server);
     let _ = egret_cleanup(&pin_dir);
     Ok(json!({
         "bench": "agent_memory",
+        "source": source.name(),
         "pods": cluster.pods,
         "policies": cluster.policies,
         "local_pods": topology.pods().len(),
-        "manifest_bytes": yaml.len(),
+        "input_bytes": input_bytes,
         "vm_hwm_kib": hwm_kib,
         "vm_rss_kib": rss_kib,
         "map_memlock_bytes": map_bytes,
         "maps_by_type": maps.into_iter().map(|(k, (n, b))| (k, json!({"maps": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
         "ready_s": ready.as_secs_f64(),
         "local_pods_setup_s": pods_made.as_secs_f64(),
+        "list_pages": list_pages,
+        "watches": watches,
     }))
 }
 

@@ -27,6 +27,84 @@ use serde_json::Value;
 
 use crate::{build_agent, cargo, is_root, workspace_root};
 
+/// One stage of `cargo xtask bench`, for `--stage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// `agent/benches/compile.rs`.
+    Compile,
+    /// `agent/benches/datapath.rs`.
+    Datapath,
+    /// `agent/benches/control_plane.rs`.
+    ControlPlane,
+    /// The agent's memory through the Kubernetes source and manifests.
+    Memory,
+    /// Throughput through a node with Egret, iptables + ipset and nftables.
+    Throughput,
+    /// Change latency from the running agent's own histogram.
+    AgentLatency,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Compile => "compile",
+            Stage::Datapath => "datapath",
+            Stage::ControlPlane => "control_plane",
+            Stage::Memory => "memory",
+            Stage::Throughput => "throughput",
+            Stage::AgentLatency => "agent_latency",
+        }
+    }
+}
+
+/// Runs one stage and prints the report of its results alone; BENCHMARKS.md is not
+/// touched (a full run writes it). Raw results go to `target/bench-results-STAGE.jsonl`,
+/// which `--report-only --results` renders again.
+pub fn run_stage(stage: Stage, quick: bool) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "the benchmarks load BPF programs and build network namespaces: run `cargo xtask bench` as root"
+    );
+    let scale = Scale { quick };
+    let load_before = load_average();
+    let started = Instant::now();
+    let results = match stage {
+        Stage::Compile | Stage::Datapath | Stage::ControlPlane => {
+            cargo_bench(stage.name(), &["--no-run"])?;
+            let quick_arg: &[&str] = if quick { &["--", "--quick"] } else { &[] };
+            cargo_bench(stage.name(), quick_arg)?
+        }
+        Stage::Memory => memory::run(&build_agent(true)?, scale)?,
+        Stage::Throughput => throughput::run(&build_agent(true)?, scale)?,
+        Stage::AgentLatency => agent_latency::run(&build_agent(true)?, scale)?,
+    };
+    let context = report::Context {
+        command: format!(
+            "cargo xtask bench --stage {}{}",
+            stage.name().replace('_', "-"),
+            if quick { " --quick" } else { "" }
+        ),
+        date: date(),
+        machine: machine(),
+        elapsed: started.elapsed(),
+        load_before,
+        load_after: load_average(),
+        quick,
+    };
+    let raw = workspace_root()
+        .join("target")
+        .join(format!("bench-results-{}.jsonl", stage.name()));
+    let lines: Vec<String> = std::iter::once(context.to_json())
+        .chain(results.iter().cloned())
+        .map(|line| line.to_string())
+        .collect();
+    std::fs::write(&raw, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", raw.display()))?;
+    print!("{}", report::render(&context, &results));
+    eprintln!("raw results: {}", raw.display());
+    Ok(())
+}
+
 /// How much to run.
 #[derive(Clone, Copy, Debug)]
 pub struct Scale {

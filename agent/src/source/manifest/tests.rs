@@ -199,3 +199,83 @@ fn other_kinds_and_other_api_versions_are_reported_never_skipped_in_silence() {
     assert!(loader.snapshot.cluster_policies.is_empty());
     assert!(loader.snapshot.pods.is_empty());
 }
+
+fn documents(text: &str) -> Vec<String> {
+    Documents::new(text.as_bytes())
+        .collect::<std::io::Result<_>>()
+        .unwrap()
+}
+
+#[test]
+fn a_stream_is_split_at_its_document_markers_only() {
+    let text = "# leading comment\na: 1\n---\nb: 2\n--- {c: 3}\n# about d\n---\nd: |\n  --- not a marker, indented\n  ---also not\n...\n%YAML 1.2\n---\ne: 5\n";
+    assert_eq!(
+        documents(text),
+        [
+            "# leading comment\na: 1\n",
+            "---\nb: 2\n",
+            "--- {c: 3}\n# about d\n",
+            "---\nd: |\n  --- not a marker, indented\n  ---also not\n...\n",
+            "%YAML 1.2\n---\ne: 5\n",
+        ]
+    );
+    assert_eq!(documents("---\n---\nx: 1\n"), ["---\n", "---\nx: 1\n"]);
+    assert_eq!(documents("# only a comment\n"), ["# only a comment\n"]);
+    assert!(documents("").is_empty());
+    assert_eq!(
+        documents("----\nx: 1\n"),
+        ["----\nx: 1\n"],
+        "four dashes are content"
+    );
+}
+
+#[test]
+fn documents_read_one_at_a_time_give_what_the_whole_text_gave() {
+    let text = format!(
+        "{}---\n{NETWORK_POLICY}---\n# an empty document\n---\napiVersion: v1\nkind: List\nitems:\n- {{apiVersion: v1, kind: Namespace, metadata: {{name: shop, labels: {{team: a}}}}}}\n- {{apiVersion: v1, kind: Pod, metadata: {{name: web, namespace: shop, labels: {{app: web}}}}, status: {{podIP: 10.0.0.1}}}}\n",
+        cnp("no-metadata", DENY_METADATA)
+    );
+    let (snapshot, problems) = load(&text);
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(snapshot.policies.len(), 1);
+    assert_eq!(snapshot.cluster_policies.len(), 1);
+    assert_eq!(snapshot.namespaces["shop"].labels["team"], "a");
+    let web = &snapshot.pods[&crate::state::ObjectKey::new("shop", "web")];
+    assert_eq!(web.labels["app"], "web");
+    assert_eq!(web.ips, ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]);
+}
+
+#[test]
+fn a_document_that_does_not_parse_hides_only_itself() {
+    let text = format!(
+        "{NETWORK_POLICY}---\nkind: [unclosed\n---\n{}",
+        cnp("guard", "[]")
+    );
+    let (snapshot, problems) = load(&text);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].starts_with("guards.yaml: document 2: YAML does not parse"),
+        "{}",
+        problems[0]
+    );
+    assert_eq!(snapshot.policies.len(), 1);
+    assert_eq!(
+        snapshot.cluster_policies.keys().collect::<Vec<_>>(),
+        ["guard"],
+        "the document after the broken one is read"
+    );
+}
+
+#[test]
+fn replicas_read_from_manifests_share_their_labels() {
+    let pod = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: web}}}}\nstatus: {{podIP: 10.0.0.{}}}\n",
+            name.len()
+        )
+    };
+    let (snapshot, _) = load(&[pod("a"), pod("bb")].join("---\n"));
+    let labels: Vec<_> = snapshot.pods.values().map(|p| &p.labels).collect();
+    assert_eq!(labels.len(), 2);
+    assert!(std::sync::Arc::ptr_eq(labels[0], labels[1]));
+}

@@ -3,11 +3,12 @@
 //! the same functions, and property-tests this code).
 //!
 //! The walk is a bounded state machine: [`Walk::start`] checks the header, and each
-//! [`Walk::step`] reads one record (the question, then one answer), so the kernel runs
-//! it under `bpf_loop` and the verifier checks one step, not every iteration. Every
-//! loop inside a step has a constant bound: labels per name, compression hops (a
-//! pointer must point strictly before every offset the name has used, so pointers
-//! cannot loop), 8-byte words per label, chain links, addresses.
+//! [`Walk::step`] reads one label or compression pointer (and, at a name's end, the
+//! rest of its record), so the kernel runs it under `bpf_loop` and the verifier checks
+//! one step, not every iteration. Every loop inside a step has a constant bound
+//! (8-byte words per label, labels per name, chain links), and so has the walk: labels
+//! per name, compression hops (a pointer must point strictly before every offset the
+//! name has used, so pointers cannot loop), answers, steps.
 //!
 //! Names are matched by hash, never by text. Each label is hashed case-insensitively;
 //! the hash of every label-aligned suffix folds right to left over the label hashes,
@@ -42,8 +43,9 @@ pub const MAX_ANSWERS: u32 = 32;
 pub const MAX_CHAIN: usize = 8;
 /// Addresses learnt from one response.
 pub const MAX_ADDRESSES: usize = 16;
-/// Steps a whole walk takes at most: the question and every answer.
-pub const MAX_STEPS: u32 = MAX_ANSWERS + 1;
+/// Steps a whole walk takes at most: every label or pointer of the question, of each
+/// answer's owner and of each CNAME target, and one more to see the end.
+pub const MAX_STEPS: u32 = (2 * MAX_ANSWERS + 1) * (MAX_LABELS + MAX_POINTER_HOPS + 1) as u32 + 1;
 
 const NAME_MAX: usize = 255;
 const LABEL_MAX: usize = 63;
@@ -138,16 +140,23 @@ pub enum Step {
     Invalid,
 }
 
-const PHASE_QUESTION: u32 = 0;
-const PHASE_ANSWERS: u32 = 1;
+/// Which name the walk is reading.
+const NAME_QUESTION: u32 = 0;
+const NAME_OWNER: u32 = 1;
+const NAME_TARGET: u32 = 2;
+
+const PHASE_NAME: u32 = 0;
 const PHASE_DONE: u32 = 2;
 const PHASE_INVALID: u32 = 3;
+
+/// Steps to read one name: a label or a pointer each, and the end.
+const NAME_STEPS: u32 = (MAX_LABELS + MAX_POINTER_HOPS + 1) as u32;
 
 /// The walk of one response. Plain data so the kernel can keep it in a per-CPU map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Walk {
-    /// Offset of the next record.
+    /// Offset of the next record (while reading a CNAME target: of the record after).
     pub offset: u32,
     /// Answer records still to read.
     pub answers_left: u32,
@@ -156,6 +165,19 @@ pub struct Walk {
     pub found: u32,
     /// Addresses of allowed names beyond [`MAX_ADDRESSES`], not learnt.
     pub overflow: u32,
+    /// The name being read: which one, where the next label is, where the name ends
+    /// in its record (0: no pointer seen yet), the lowest offset it used, its labels,
+    /// bytes, pointers followed and steps taken.
+    pub name_kind: u32,
+    pub at: u32,
+    pub end: u32,
+    pub lowest: u32,
+    pub labels_read: u32,
+    pub length: u32,
+    pub hops: u32,
+    pub name_steps: u32,
+    /// The pattern of the CNAME record whose target is being read.
+    pub pattern: u64,
     pub chain: [ChainLink; MAX_CHAIN],
     pub answers: [Answer; MAX_ADDRESSES],
     /// Scratch: the label hashes of the name being read, then its suffix hashes.
@@ -170,6 +192,15 @@ impl Walk {
         chain_len: 0,
         found: 0,
         overflow: 0,
+        name_kind: 0,
+        at: 0,
+        end: 0,
+        lowest: 0,
+        labels_read: 0,
+        length: 0,
+        hops: 0,
+        name_steps: 0,
+        pattern: 0,
         chain: [ChainLink {
             name: 0,
             pattern: 0,
@@ -206,17 +237,17 @@ impl Walk {
         if flags & 0x80 == 0 || flags & 0x78 != 0 || rcode & 0x0F != 0 || questions != 1 {
             return false;
         }
-        self.offset = HEADER_LEN as u32;
         self.answers_left = if u32::from(answers) < MAX_ANSWERS {
             u32::from(answers)
         } else {
             MAX_ANSWERS
         };
-        self.phase = PHASE_QUESTION;
+        self.begin_name(HEADER_LEN as u32, NAME_QUESTION);
         true
     }
 
-    /// Reads one record.
+    /// Reads one label or pointer of the current name, and when the name ends, what
+    /// follows it in its record.
     #[inline(always)]
     pub fn step<M: Message + ?Sized, P: Patterns + ?Sized>(
         &mut self,
@@ -224,18 +255,26 @@ impl Walk {
         patterns: &P,
     ) -> Step {
         let step = match self.phase {
-            PHASE_QUESTION => self.question(message, patterns),
-            PHASE_ANSWERS if self.answers_left == 0 => Step::Done,
-            PHASE_ANSWERS => self.answer(message, patterns),
+            PHASE_NAME => match self.name_step(message) {
+                Some(true) => self.name_done(message, patterns),
+                Some(false) => Step::Continue,
+                None => Step::Invalid,
+            },
             PHASE_DONE => Step::Done,
             _ => Step::Invalid,
         };
-        self.phase = match step {
-            Step::Continue => PHASE_ANSWERS,
-            Step::Done => PHASE_DONE,
-            Step::Invalid => PHASE_INVALID,
-        };
+        match step {
+            Step::Continue => {}
+            Step::Done => self.phase = PHASE_DONE,
+            Step::Invalid => self.phase = PHASE_INVALID,
+        }
         step
+    }
+
+    /// Every record was walked and the message is well-formed.
+    #[must_use]
+    pub fn is_done(&self) -> bool {
+        self.phase == PHASE_DONE
     }
 
     /// The addresses learnt, once the walk is [`Step::Done`].
@@ -248,35 +287,121 @@ impl Walk {
         }
     }
 
-    fn question<M: Message + ?Sized, P: Patterns + ?Sized>(
+    fn begin_name(&mut self, at: u32, kind: u32) {
+        self.phase = PHASE_NAME;
+        self.name_kind = kind;
+        self.at = at;
+        self.end = 0;
+        self.lowest = at;
+        self.labels_read = 0;
+        self.length = 0;
+        self.hops = 0;
+        self.name_steps = 0;
+    }
+
+    /// One label or pointer: `Some(true)` at the name's end, `None` when malformed.
+    #[inline(always)]
+    fn name_step<M: Message + ?Sized>(&mut self, message: &M) -> Option<bool> {
+        self.name_steps += 1;
+        if self.name_steps > NAME_STEPS {
+            return None;
+        }
+        let at = self.at as usize;
+        let byte = message.byte(at)?;
+        match byte & 0xC0 {
+            0 if byte == 0 => {
+                if self.end == 0 {
+                    self.end = self.at + 1;
+                }
+                Some(true)
+            }
+            0 => {
+                let label = byte as usize;
+                let count = self.labels_read as usize;
+                if count >= MAX_LABELS || at + 1 + label > message.len() {
+                    return None;
+                }
+                self.length += label as u32 + 1;
+                if self.length as usize >= NAME_MAX {
+                    return None;
+                }
+                self.labels[count & (MAX_LABELS - 1)] = label_hash(message, at + 1, label);
+                self.labels_read += 1;
+                self.at += 1 + label as u32;
+                Some(false)
+            }
+            0xC0 => {
+                let low = message.byte(at + 1)?;
+                let target = u32::from(byte & 0x3F) << 8 | u32::from(low);
+                // Strictly before every offset the name has used: no loops.
+                if target >= self.lowest || self.hops as usize >= MAX_POINTER_HOPS {
+                    return None;
+                }
+                if self.end == 0 {
+                    self.end = self.at + 2;
+                }
+                self.hops += 1;
+                self.lowest = target;
+                self.at = target;
+                Some(false)
+            }
+            // 0x40 and 0x80: extended label types (RFC 6891 retired them).
+            _ => None,
+        }
+    }
+
+    /// The current name is read: act on it, and start the next name or finish.
+    #[inline(always)]
+    fn name_done<M: Message + ?Sized, P: Patterns + ?Sized>(
         &mut self,
         message: &M,
         patterns: &P,
     ) -> Step {
-        let Some((count, end)) = read_name(message, self.offset as usize, &mut self.labels) else {
-            return Step::Invalid;
-        };
-        // QTYPE and QCLASS.
-        if end + 4 > message.len() {
-            return Step::Invalid;
-        }
+        let count = self.labels_read as usize;
+        let end = self.end as usize;
         let name = fold_suffixes(&mut self.labels, count);
-        if let Some(pattern) = match_pattern(&self.labels, count, patterns) {
-            self.link(name, pattern);
+        match self.name_kind {
+            NAME_QUESTION => {
+                // QTYPE and QCLASS.
+                if end + 4 > message.len() {
+                    return Step::Invalid;
+                }
+                if let Some(pattern) = match_pattern(&self.labels, count, patterns) {
+                    self.link(name, pattern);
+                }
+                self.offset = (end + 4) as u32;
+                self.next_record()
+            }
+            NAME_OWNER => self.record(message, patterns, name, count, end),
+            _ => {
+                if end > self.offset as usize {
+                    return Step::Invalid;
+                }
+                self.link(name, self.pattern);
+                self.next_record()
+            }
         }
-        self.offset = (end + 4) as u32;
+    }
+
+    fn next_record(&mut self) -> Step {
+        if self.answers_left == 0 {
+            return Step::Done;
+        }
+        self.answers_left -= 1;
+        self.begin_name(self.offset, NAME_OWNER);
         Step::Continue
     }
 
-    fn answer<M: Message + ?Sized, P: Patterns + ?Sized>(
+    /// An answer record whose owner name (suffix hashes in `labels`) ends at `end`.
+    #[inline(always)]
+    fn record<M: Message + ?Sized, P: Patterns + ?Sized>(
         &mut self,
         message: &M,
         patterns: &P,
+        name: u64,
+        count: usize,
+        end: usize,
     ) -> Step {
-        self.answers_left -= 1;
-        let Some((count, end)) = read_name(message, self.offset as usize, &mut self.labels) else {
-            return Step::Invalid;
-        };
         let (Some(kind), Some(class), Some(ttl_high), Some(ttl_low), Some(length)) = (
             read_u16(message, end),
             read_u16(message, end + 2),
@@ -292,16 +417,15 @@ impl Walk {
             return Step::Invalid;
         }
         self.offset = next as u32;
-        let name = fold_suffixes(&mut self.labels, count);
         let pattern = match match_pattern(&self.labels, count, patterns) {
             Some(pattern) => Some(pattern),
             None => self.chained(name),
         };
         let Some(pattern) = pattern else {
-            return Step::Continue;
+            return self.next_record();
         };
         if class != CLASS_IN {
-            return Step::Continue;
+            return self.next_record();
         }
         // A TTL with the top bit set is read as 0 (RFC 2181 section 8).
         let ttl = (u32::from(ttl_high) << 16 | u32::from(ttl_low)) & 0x7FFF_FFFF;
@@ -323,18 +447,13 @@ impl Walk {
                 self.remember(addr, ttl, pattern);
             }
             (TYPE_CNAME, _) => {
-                let Some((count, target_end)) = read_name(message, rdata, &mut self.labels) else {
-                    return Step::Invalid;
-                };
-                if target_end > next {
-                    return Step::Invalid;
-                }
-                let target = fold_suffixes(&mut self.labels, count);
-                self.link(target, pattern);
+                self.pattern = pattern;
+                self.begin_name(rdata as u32, NAME_TARGET);
+                return Step::Continue;
             }
             _ => {}
         }
-        Step::Continue
+        self.next_record()
     }
 
     /// The pattern a CNAME chain gave `name`.
@@ -384,7 +503,7 @@ pub fn walk<M: Message + ?Sized, P: Patterns + ?Sized>(message: &M, patterns: &P
     if !walk.start(message) {
         return None;
     }
-    for _ in 0..=MAX_STEPS {
+    for _ in 0..MAX_STEPS {
         match walk.step(message, patterns) {
             Step::Continue => {}
             Step::Done => return Some(walk),
@@ -608,3 +727,122 @@ pub fn name_hash(name: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests;
+
+/// Learnt addresses kept per (endpoint, pattern): a ring of this many slots, so a name
+/// that answers with ever new addresses pushes out its own oldest, never another's.
+pub const SLOTS_PER_NAME: u32 = 128;
+
+/// Key of `DNS_NAMES_V1` (a pattern of the endpoints of one policy table) and of
+/// `DNS_CURSOR_V1` (a pattern's ring cursor, per endpoint).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NameKey {
+    /// The policy table (`DNS_NAMES_V1`) or the endpoint (`DNS_CURSOR_V1`).
+    pub owner: u32,
+    pub pad: u32,
+    /// [`exact_key`] or [`wildcard_key`].
+    pub pattern: u64,
+}
+
+/// Value of `DNS_NAMES_V1`: the domain identity whose `POLICY_V2` entries say what a
+/// learnt address of the pattern allows (the rules' tiers and ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NameEntry {
+    pub identity: u32,
+    pub pad: u32,
+}
+
+/// Key of `DNS_LEARNT_V1`: an address a DNS answer gave one endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LearntKey {
+    pub endpoint: u32,
+    /// IPv4-mapped or IPv6.
+    pub addr: [u8; 16],
+}
+
+/// Value of `DNS_LEARNT_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Learnt {
+    /// `bpf_ktime_get_coarse_ns` after which the address admits no new connection:
+    /// when learnt, plus max(TTL, minimum TTL), plus the grace.
+    pub expires_ns: u64,
+    /// The pattern key the answer matched; its `DNS_NAMES_V1` entry gives the identity.
+    pub pattern: u64,
+    /// When the answer was (last) seen.
+    pub learnt_ns: u64,
+    /// The answer's TTL, seconds.
+    pub ttl: u32,
+    /// `LEARNT_FLAG_*`.
+    pub flags: u32,
+}
+
+/// The expiry of the entry has been counted (`DNS_STAT_EXPIRED`).
+pub const LEARNT_FLAG_EXPIRY_COUNTED: u32 = 1;
+
+/// Key of `DNS_SLOTS_V1`: one slot of a pattern's ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub endpoint: u32,
+    pub slot: u32,
+    pub pattern: u64,
+}
+
+/// Lifetimes of learnt addresses (`DNS_SETTINGS_V1`, one element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// A TTL below this many seconds counts as this (`--dns-min-ttl`).
+    pub min_ttl_s: u32,
+    /// Seconds an address stays after its TTL (`--dns-grace`).
+    pub grace_s: u32,
+}
+
+impl DnsSettings {
+    pub const DEFAULT: DnsSettings = DnsSettings {
+        min_ttl_s: 0,
+        grace_s: 5,
+    };
+}
+
+/// `DNS_STATS_V1` slots (per-CPU counts).
+pub const DNS_STAT_RESPONSES: u32 = 0;
+/// Responses that were not well-formed answers: nothing learnt.
+pub const DNS_STAT_INVALID: u32 = 1;
+/// Addresses written (new, or now for another pattern).
+pub const DNS_STAT_LEARNT: u32 = 2;
+/// Addresses answered again: their expiry moved on.
+pub const DNS_STAT_REFRESHED: u32 = 3;
+/// Learnt addresses found past their expiry by a new connection.
+pub const DNS_STAT_EXPIRED: u32 = 4;
+/// Learnt addresses pushed out by a newer answer for the same name (the ring is full).
+pub const DNS_STAT_EVICTED: u32 = 5;
+/// Addresses not learnt: over the per-response limit, or the table refused them.
+pub const DNS_STAT_DROPPED: u32 = 6;
+pub const DNS_STAT_SLOTS: u32 = 7;
+
+const _: () = assert!(size_of::<Learnt>() == 32);
+const _: () = assert!(size_of::<LearntKey>() == 20);
+const _: () = assert!(size_of::<NameKey>() == 16);
+const _: () = assert!(size_of::<SlotKey>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{DnsSettings, Learnt, LearntKey, NameEntry, NameKey, SlotKey};
+
+    // SAFETY: #[repr(C)] integers and byte arrays with explicit padding: any bit
+    // pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for NameEntry {}
+    unsafe impl aya::Pod for LearntKey {}
+    unsafe impl aya::Pod for Learnt {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for DnsSettings {}
+}
+
+/// Domain identities (one per pattern, in the policy tables' identity field) have this
+/// bit set: they are neither pods nor CIDR classes.
+pub const DOMAIN_IDENTITY_BIT: u32 = 0x4000_0000;

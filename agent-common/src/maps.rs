@@ -37,6 +37,17 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS_V2";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET_V1";
     pub const EVENTS_LOST: &str = "EVENTS_LOST_V1";
+    /// `(policy table, domain pattern)` -> domain identity (`crate::dns::NameEntry`).
+    pub const DNS_NAMES: &str = "DNS_NAMES_V1";
+    /// `(endpoint, address)` -> what a DNS answer taught (`crate::dns::Learnt`).
+    pub const DNS_LEARNT: &str = "DNS_LEARNT_V1";
+    /// `(endpoint, pattern, slot)` -> address: each pattern's ring of learnt addresses.
+    pub const DNS_SLOTS: &str = "DNS_SLOTS_V1";
+    /// `(endpoint, pattern)` -> next ring slot.
+    pub const DNS_CURSOR: &str = "DNS_CURSOR_V1";
+    pub const DNS_SETTINGS: &str = "DNS_SETTINGS_V1";
+    /// Per-CPU counts by `crate::dns::DNS_STAT_*`.
+    pub const DNS_STATS: &str = "DNS_STATS_V1";
     /// Maps of the first layout that an upgraded agent takes over and then removes.
     pub const LEGACY: [&str; 6] = [
         "CONNTRACK_V1",
@@ -63,6 +74,10 @@ pub mod capacity {
     pub const CT_ESTABLISHED: u32 = 262_144;
     pub const CT_UNASSURED: u32 = 65_536;
     pub const FRAGMENTS: u32 = 8_192;
+    /// Addresses learnt from DNS answers, all endpoints together.
+    pub const DNS_LEARNT: u32 = 65_536;
+    /// Domain patterns, all endpoints together.
+    pub const DNS_NAMES: u32 = 16_384;
 }
 
 /// Rows of `COUNTERS_V2` for `endpoints` endpoint slots: one per slot and the overflow row.
@@ -116,6 +131,9 @@ pub const ENDPOINT_FLAGS_FILTERED: u32 =
     ENDPOINT_FLAG_ISOLATED_ENFORCED | ENDPOINT_FLAG_ISOLATED_AUDITED | ENDPOINT_FLAG_TIERED;
 pub const ENDPOINT_FLAG_HAS_IPV4: u32 = 1 << 3;
 pub const ENDPOINT_FLAG_HAS_IPV6: u32 = 1 << 4;
+/// A ClusterNetworkPolicy gives the endpoint `domainNames` rules: the DNS answers it
+/// receives are read, and its packets' destinations looked up among the learnt ones.
+pub const ENDPOINT_FLAG_DOMAINS: u32 = 1 << 6;
 
 /// An address, IPv4 stored IPv4-mapped (`::ffff:a.b.c.d`), so one map holds both families.
 #[repr(C)]
@@ -357,7 +375,8 @@ pub struct FlowEntry {
     pub state: u8,
     /// `FLOW_FIN_*` bits: which sides have closed.
     pub fin: u8,
-    pub pad: u8,
+    /// `FLOW_FLAG_*` bits.
+    pub flags: u8,
 }
 
 const _: () = assert!(size_of::<FlowEntry>() == 16);
@@ -378,6 +397,10 @@ pub const FLOW_STATE_NEW: u8 = 5;
 pub const FLOW_STATE_REPLIED: u8 = 6;
 /// Other protocols: the opener sent again after the reply; lives in `CT_ESTABLISHED_V2`.
 pub const FLOW_STATE_ASSURED: u8 = 7;
+
+/// The flow was opened to an address learnt from a DNS answer: it outlives the
+/// address's expiry, which is not a policy change.
+pub const FLOW_FLAG_LEARNT: u8 = 1;
 
 /// The endpoint sent a FIN.
 pub const FLOW_FIN_FROM_ENDPOINT: u8 = 1;

@@ -10,9 +10,9 @@ use egret_common::{
     maps::{
         CT_STAT_INSERT_FAILED, CT_STAT_INSERTED_ESTABLISHED, CT_STAT_INSERTED_UNASSURED,
         CT_STAT_REMOVED_ESTABLISHED, CT_STAT_REMOVED_UNASSURED, FLOW_FIN_FROM_ENDPOINT,
-        FLOW_FIN_FROM_PEER, FLOW_ORIGIN_INBOUND, FLOW_ORIGIN_OUTBOUND, FLOW_STATE_ASSURED,
-        FLOW_STATE_CLOSING, FLOW_STATE_ESTABLISHED, FLOW_STATE_NEW, FLOW_STATE_REPLIED,
-        FLOW_STATE_SYN_RECV, FLOW_STATE_SYN_SENT, FlowEntry, FlowKey, Settings,
+        FLOW_FIN_FROM_PEER, FLOW_FLAG_LEARNT, FLOW_ORIGIN_INBOUND, FLOW_ORIGIN_OUTBOUND,
+        FLOW_STATE_ASSURED, FLOW_STATE_CLOSING, FLOW_STATE_ESTABLISHED, FLOW_STATE_NEW,
+        FLOW_STATE_REPLIED, FLOW_STATE_SYN_RECV, FLOW_STATE_SYN_SENT, FlowEntry, FlowKey, Settings,
     },
     proto,
 };
@@ -38,6 +38,8 @@ pub enum Direction {
 pub struct Tracked {
     pub origin: u8,
     pub policy_epoch: u32,
+    /// `FLOW_FLAG_*`.
+    pub flags: u8,
 }
 
 /// The flow as the endpoint sends it.
@@ -99,6 +101,7 @@ pub fn track(
     let tracked = Tracked {
         origin: entry.origin,
         policy_epoch: entry.policy_epoch,
+        flags: entry.flags,
     };
     let original = (direction == Direction::Sent) == (entry.origin == FLOW_ORIGIN_OUTBOUND);
     if packet.protocol == proto::TCP {
@@ -116,6 +119,15 @@ pub fn set_epoch(key: &FlowKey, epoch: u32) {
     if let Some(pointer) = pointer {
         // SAFETY: as in `track`.
         unsafe { (*pointer).policy_epoch = epoch };
+    }
+}
+
+/// Marks a flow just opened as opened through a learnt address (`FLOW_FLAG_LEARNT`).
+#[inline(never)]
+pub fn mark_learnt(key: &FlowKey) {
+    if let Some(pointer) = maps::unassured_flow(key) {
+        // SAFETY: as in `track`.
+        unsafe { (*pointer).flags |= FLOW_FLAG_LEARNT };
     }
 }
 
@@ -144,7 +156,7 @@ pub fn open(key: &FlowKey, packet: &Packet, direction: Direction, now: u64, epoc
         },
         state,
         fin: 0,
-        pad: 0,
+        flags: 0,
     };
     insert(key, &entry, false)
 }

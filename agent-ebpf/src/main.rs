@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod diagnostics;
+mod dns;
 mod events;
 mod maps;
 mod packet;
@@ -58,7 +59,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
 #[classifier]
 pub fn egret_to_pod(ctx: TcContext) -> i32 {
     if let Some(ethertype) = packet::ethertype(&ctx.skb) {
-        verdict::observe_received(&ctx.skb, ETH_HEADER_LEN, ethertype);
+        verdict::observe_received(&ctx.skb, ETH_HEADER_LEN, ethertype, || {
+            // SAFETY: the context pointer is the kernel's sk_buff for this invocation.
+            maps::endpoint_by_ifindex(unsafe { (*ctx.skb.skb).ifindex })
+        });
     }
     TC_ACT_OK
 }
@@ -78,7 +82,7 @@ pub fn egret_cgroup_egress(ctx: SkBuffContext) -> i32 {
 /// cgroup_skb ingress of a pod's cgroup: records the flows the pod accepts.
 #[cgroup_skb(ingress)]
 pub fn egret_cgroup_ingress(ctx: SkBuffContext) -> i32 {
-    verdict::observe_received(&ctx.skb, 0, skb_ethertype(&ctx));
+    verdict::observe_received(&ctx.skb, 0, skb_ethertype(&ctx), || cgroup_endpoint(&ctx));
     CGROUP_PASS
 }
 

@@ -2,6 +2,7 @@
 //! maps pinned under the pin directory, attaches to pod interfaces, and writes the
 //! difference between the tables the kernel holds and the tables it should hold.
 
+pub mod dns;
 pub mod events;
 pub mod image;
 mod pins;
@@ -241,6 +242,8 @@ pub struct Datapath {
     counter_rows: u32,
     established_flows: HashMap<MapData, FlowKey, FlowEntry>,
     ct_stats: PerCpuArray<MapData, u64>,
+    /// `domainNames` patterns and lifetimes.
+    dns: dns::DnsMaps,
     /// The settings last written, with the current policy epoch.
     settings_value: Settings,
     /// Endpoint ids whose counter rows may be non-zero.
@@ -323,6 +326,7 @@ impl Datapath {
         let established_flows = take_map(&mut ebpf, names::CT_ESTABLISHED)?;
         let ct_stats = take_map(&mut ebpf, names::CT_STATS)?;
         let mut datapath = Self {
+            dns: dns::DnsMaps::take_with_defaults(&mut ebpf)?,
             ebpf,
             pin_dir: pin_dir.to_owned(),
             endpoints,
@@ -372,6 +376,7 @@ impl Datapath {
             })?;
             image.cgroup_endpoints.insert(k, v);
         }
+        image.dns_names = self.dns.read_names()?;
         Ok(image)
     }
 
@@ -443,7 +448,7 @@ impl Datapath {
                 FLOW_STATE_ASSURED
             },
             fin: 0,
-            pad: 0,
+            flags: 0,
         };
         self.established_flows
             .insert(key, entry, 0)
@@ -553,6 +558,18 @@ impl Datapath {
     }
 
     /// What the kernel holds now.
+    /// Sets how long learnt DNS answers admit new connections (`--dns-min-ttl`,
+    /// `--dns-grace`).
+    ///
+    /// # Errors
+    /// When the settings map cannot be written.
+    pub fn set_dns_settings(
+        &mut self,
+        settings: egret_common::dns::DnsSettings,
+    ) -> Result<(), DatapathError> {
+        self.dns.set_settings(settings)
+    }
+
     #[must_use]
     pub fn held(&self) -> &KernelImage {
         &self.held
@@ -600,6 +617,7 @@ impl Datapath {
         let identities = diff(&self.held.identities, &desired.identities);
         let endpoints = diff(&self.held.endpoints, &desired.endpoints);
         let cgroup_endpoints = diff(&self.held.cgroup_endpoints, &desired.cgroup_endpoints);
+        let dns_names = diff(&self.held.dns_names, &desired.dns_names);
         let map_err = |map| move |source| DatapathError::Map { map, source };
 
         for (key, value) in &policy.upserts {
@@ -623,6 +641,8 @@ impl Datapath {
             self.held.identities.insert(*key, *value);
             stats.written += 1;
         }
+        // Patterns before the endpoints whose flags make the kernel read them.
+        stats.written += self.dns.write(&dns_names, &mut self.held.dns_names)?;
         for (key, value) in &endpoints.upserts {
             self.endpoints
                 .insert(key, value, 0)
@@ -648,6 +668,7 @@ impl Datapath {
             self.held.endpoints.remove(key);
             stats.removed += 1;
         }
+        stats.removed += self.dns.remove(&dns_names, &mut self.held.dns_names)?;
         for key in &identities.removals {
             remove_ignoring_absent(self.identities.remove(key))
                 .map_err(map_err(names::IDENTITY))?;

@@ -157,6 +157,7 @@ pub fn reference_verdict(
             Protocol::number,
         ),
         port: if protocol.is_some() { port } else { 0 },
+        resolved: None,
     };
     let decide = |enforced_only: bool| {
         let counts = |mode: Mode| !enforced_only || mode == Mode::Enforce;

@@ -31,6 +31,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod cluster;
+pub mod dns;
 pub mod flood;
 pub mod frames;
 mod listener;

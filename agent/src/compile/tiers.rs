@@ -54,7 +54,7 @@ impl<'s> Ranked<'s> {
 
 /// The entry value of one rule: its rank and action in its tier, among all policies,
 /// and among enforced ones unless the policy is staged.
-fn rule_value(tier: Tier, rank: u32, action: TierAction, mode: Mode) -> PolicyValue {
+pub(super) fn rule_value(tier: Tier, rank: u32, action: TierAction, mode: Mode) -> PolicyValue {
     let rule = tier_rule(rank.min(TIER_RANK_MAX), action);
     let mut value = PolicyValue::NONE;
     let slot = match tier {
@@ -151,6 +151,8 @@ impl EndpointProgram {
                         }
                     }
                 }
+                // Learnt addresses have entries of their own (`compile::domains`).
+                TierPeer::DomainNames(_) => {}
                 TierPeer::Namespaces(_) | TierPeer::Pods { .. } => {
                     for (identity, key) in identities {
                         let namespace_labels = snapshot.namespace_labels(&key.namespace);

@@ -9,12 +9,14 @@
 //! there falls to the default); then allow.
 
 pub mod convert;
+pub mod domain;
 
 use std::{fmt, net::IpAddr};
 
 use egret_common::maps::TierAction;
 use ipnet::IpNet;
 
+use self::domain::DomainName;
 use super::{Labels, Mode, NamedPort, PodView, PortMatch, Protocol, Selector};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -79,6 +81,9 @@ pub enum TierPeer {
     },
     /// Addresses, pods' included.
     Networks(Vec<IpNet>),
+    /// Addresses that DNS answered the subject pod for a matching name (Accept rules
+    /// only), learnt by the kernel from the answers the pod receives.
+    DomainNames(Vec<DomainName>),
     /// Every destination: what a Deny or Pass rule with a peer Egret cannot honour
     /// matches, so it fails closed (upstream's rule for unknown peers).
     Everything,
@@ -146,6 +151,9 @@ pub struct Destination<'a, P: PodView> {
     pub protocol: u8,
     /// 0 for protocols without ports.
     pub port: u16,
+    /// The name the source pod resolved to `address` and that is still valid (a DNS
+    /// answer it received), for `domainNames` peers.
+    pub resolved: Option<&'a str>,
 }
 
 impl TierPeer {
@@ -156,6 +164,9 @@ impl TierPeer {
             TierPeer::Networks(networks) => networks
                 .iter()
                 .any(|net| net.contains(&destination.address)),
+            TierPeer::DomainNames(names) => destination
+                .resolved
+                .is_some_and(|resolved| names.iter().any(|name| name.matches(resolved))),
             TierPeer::Namespaces(namespaces) => destination
                 .pod
                 .is_some_and(|(_, namespace_labels, _)| namespaces.matches(namespace_labels)),

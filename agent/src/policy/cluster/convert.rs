@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::{ClusterNetworkPolicy, Subject, Tier, TierPeer, TierRule};
+use super::{ClusterNetworkPolicy, Subject, Tier, TierPeer, TierRule, domain::DomainName};
 use crate::policy::{
     Mode, PortMatch, PortSpec, Protocol,
     convert::{MODE_ANNOTATION, is_port_name, selector},
@@ -226,6 +226,17 @@ fn egress_rule(rule: &Map<String, Value>, field: &str, failed: &mut Vec<CnpField
             for (i, peer_value) in peers.iter().enumerate() {
                 let peer_field = format!("{field}.to[{i}]");
                 match peer(peer_value, &peer_field) {
+                    Ok(TierPeer::DomainNames(_)) if widen => {
+                        // NPEP-133: domain names only ever allow.
+                        failed.push(fail_closed(
+                            problem(
+                                format!("{peer_field}.domainNames"),
+                                "domainNames is only allowed in Accept rules",
+                            ),
+                            widen,
+                        ));
+                        to.push(TierPeer::Everything);
+                    }
                     Ok(peer) => to.push(peer),
                     Err(error) => {
                         failed.push(fail_closed(error, widen));
@@ -300,10 +311,12 @@ fn fail_closed(mut error: CnpField, widen: bool) -> CnpField {
 }
 
 fn peer(value: &Value, field: &str) -> Result<TierPeer, CnpField> {
-    let object = value
-        .as_object()
-        .filter(|o| o.len() == 1)
-        .ok_or_else(|| problem(field, "needs exactly one of namespaces, pods or networks"))?;
+    let object = value.as_object().filter(|o| o.len() == 1).ok_or_else(|| {
+        problem(
+            field,
+            "needs exactly one of namespaces, pods, networks or domainNames",
+        )
+    })?;
     let (key, value) = object.iter().next().expect("one entry");
     let field = format!("{field}.{key}");
     match key.as_str() {
@@ -330,7 +343,23 @@ fn peer(value: &Value, field: &str) -> Result<TierPeer, CnpField> {
             }
             Ok(TierPeer::Networks(networks))
         }
-        "nodes" | "domainNames" => Err(problem(
+        "domainNames" => {
+            let items = value
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| problem(&field, "needs at least one domain name"))?;
+            let mut names = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let text = item.as_str().unwrap_or_default();
+                let name = DomainName::parse(text)
+                    .map_err(|error| problem(format!("{field}[{i}]"), error))?;
+                names.push(name);
+            }
+            names.sort();
+            names.dedup();
+            Ok(TierPeer::DomainNames(names))
+        }
+        "nodes" => Err(problem(
             field,
             "this experimental peer is not implemented by Egret",
         )),

@@ -1,0 +1,180 @@
+//! The maps of `domainNames` rules: the patterns the agent writes per policy table,
+//! the lifetimes it sets, and what the kernel learnt from DNS answers (read for
+//! `status` and metrics).
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+};
+use egret_common::{
+    dns::{
+        DNS_STAT_DROPPED, DNS_STAT_EVICTED, DNS_STAT_EXPIRED, DNS_STAT_INVALID, DNS_STAT_LEARNT,
+        DNS_STAT_REFRESHED, DNS_STAT_RESPONSES, DnsSettings, Learnt, LearntKey, NameEntry, NameKey,
+    },
+    maps::names,
+};
+
+use super::{DatapathError, image::Diff, remove_ignoring_absent, take_map};
+
+/// The patterns table and the lifetimes, as the agent writes them.
+pub struct DnsMaps {
+    names: HashMap<MapData, NameKey, NameEntry>,
+    settings: Array<MapData, DnsSettings>,
+}
+
+impl DnsMaps {
+    /// Takes the maps out of the loaded object and sets the default lifetimes (the
+    /// agent sets its flags' right after).
+    ///
+    /// # Errors
+    /// When the object lacks them or the settings cannot be written.
+    pub fn take_with_defaults(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        let mut maps = Self {
+            names: take_map(ebpf, names::DNS_NAMES)?,
+            settings: take_map(ebpf, names::DNS_SETTINGS)?,
+        };
+        maps.set_settings(DnsSettings::DEFAULT)?;
+        Ok(maps)
+    }
+
+    /// The patterns the kernel holds.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn read_names(&self) -> Result<BTreeMap<NameKey, NameEntry>, DatapathError> {
+        let mut held = BTreeMap::new();
+        for item in &self.names {
+            let (key, value) = item.map_err(map_err(names::DNS_NAMES))?;
+            held.insert(key, value);
+        }
+        Ok(held)
+    }
+
+    /// Writes the upserts of `diff` (before the endpoints that use them).
+    ///
+    /// # Errors
+    /// The first write the kernel refuses.
+    pub fn write(
+        &mut self,
+        diff: &Diff<NameKey, NameEntry>,
+        held: &mut BTreeMap<NameKey, NameEntry>,
+    ) -> Result<usize, DatapathError> {
+        for (key, value) in &diff.upserts {
+            self.names
+                .insert(key, value, 0)
+                .map_err(map_err(names::DNS_NAMES))?;
+            held.insert(*key, *value);
+        }
+        Ok(diff.upserts.len())
+    }
+
+    /// Removes the removals of `diff` (after the endpoints stopped using them).
+    ///
+    /// # Errors
+    /// The first removal the kernel refuses.
+    pub fn remove(
+        &mut self,
+        diff: &Diff<NameKey, NameEntry>,
+        held: &mut BTreeMap<NameKey, NameEntry>,
+    ) -> Result<usize, DatapathError> {
+        for key in &diff.removals {
+            remove_ignoring_absent(self.names.remove(key)).map_err(map_err(names::DNS_NAMES))?;
+            held.remove(key);
+        }
+        Ok(diff.removals.len())
+    }
+
+    /// Sets the lifetimes of learnt addresses (`--dns-min-ttl`, `--dns-grace`).
+    ///
+    /// # Errors
+    /// When the settings map cannot be written.
+    pub fn set_settings(&mut self, settings: DnsSettings) -> Result<(), DatapathError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(map_err(names::DNS_SETTINGS))
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+/// An address the kernel learnt for an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LearntAddress {
+    pub endpoint: u32,
+    pub address: IpAddr,
+    /// The pattern key the answer matched.
+    pub pattern: u64,
+    pub ttl: u32,
+    /// `bpf_ktime_get_coarse_ns` of the expiry (compare with
+    /// [`super::monotonic_coarse_ns`]).
+    pub expires_ns: u64,
+}
+
+/// Every learnt address, from the pinned map (works while an agent runs).
+///
+/// # Errors
+/// When the map is not pinned or cannot be read.
+pub fn read_learnt(pin_dir: &Path) -> Result<Vec<LearntAddress>, DatapathError> {
+    let data =
+        MapData::from_pin(pin_dir.join(names::DNS_LEARNT)).map_err(map_err(names::DNS_LEARNT))?;
+    let map: HashMap<MapData, LearntKey, Learnt> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(names::DNS_LEARNT))?;
+    let mut out = Vec::new();
+    for item in &map {
+        let (key, value) = item.map_err(map_err(names::DNS_LEARNT))?;
+        let v6 = std::net::Ipv6Addr::from(key.addr);
+        let address = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+        out.push(LearntAddress {
+            endpoint: key.endpoint,
+            address,
+            pattern: value.pattern,
+            ttl: value.ttl,
+            expires_ns: value.expires_ns,
+        });
+    }
+    out.sort_by_key(|a| (a.endpoint, a.address));
+    Ok(out)
+}
+
+/// What the kernel did with DNS answers, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    pub responses: u64,
+    pub invalid: u64,
+    pub learnt: u64,
+    pub refreshed: u64,
+    pub expired: u64,
+    pub evicted: u64,
+    pub dropped: u64,
+}
+
+/// The kernel's DNS counters, from the pinned map.
+///
+/// # Errors
+/// When the map is not pinned or cannot be read.
+pub fn read_stats(pin_dir: &Path) -> Result<DnsStats, DatapathError> {
+    let data =
+        MapData::from_pin(pin_dir.join(names::DNS_STATS)).map_err(map_err(names::DNS_STATS))?;
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(map_err(names::DNS_STATS))?;
+    let slot = |index: u32| -> Result<u64, DatapathError> {
+        Ok(map
+            .get(&index, 0)
+            .map_err(map_err(names::DNS_STATS))?
+            .iter()
+            .sum())
+    };
+    Ok(DnsStats {
+        responses: slot(DNS_STAT_RESPONSES)?,
+        invalid: slot(DNS_STAT_INVALID)?,
+        learnt: slot(DNS_STAT_LEARNT)?,
+        refreshed: slot(DNS_STAT_REFRESHED)?,
+        expired: slot(DNS_STAT_EXPIRED)?,
+        evicted: slot(DNS_STAT_EVICTED)?,
+        dropped: slot(DNS_STAT_DROPPED)?,
+    })
+}

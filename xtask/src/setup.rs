@@ -23,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     "ipset",
     "conntrack",
     "prometheus",
+    // The domainNames netns tests' DNS server, started in a pod namespace by the test.
+    // The -base package: the binary without a system service on the root namespace.
+    "dnsmasq-base",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

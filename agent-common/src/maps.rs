@@ -1,26 +1,30 @@
 //! Map names and layouts.
 //!
 //! Lookup order in the kernel, for a packet a pod sends:
-//! 1. `ENDPOINT_V1[ifindex]` (or `ENDPOINT_CG_V1[cgroup id]`) -> [`Endpoint`]: which
-//!    local pod sent it, its addresses (anti-spoofing) and whether it is isolated.
+//! 1. `ENDPOINT_V2[ifindex]` (or `ENDPOINT_CG_V2[cgroup id]`) -> [`Endpoint`]: which
+//!    local pod sent it, its addresses (anti-spoofing), whether it is isolated, and
+//!    which table holds its rules. Pods selected by the same policies (the replicas
+//!    of a deployment) share one table, so 100 replicas under a 10k-CIDR policy hold
+//!    10k entries, not 1M.
 //! 2. `IDENTITY_V1[destination]` -> pod identity: every pod in the cluster, by address.
 //!    Pods that share namespace, labels and named ports share one identity, so a pod
 //!    joining a large namespace is one write here and nothing per local pod.
-//! 3. `CIDR_V1[(endpoint, destination)]` -> CIDR class: the endpoint's ipBlocks
-//!    (with `except` already carved out) and "any destination" rules, longest match.
-//! 4. `POLICY_V1[(endpoint, identity or class, protocol, port)]` -> [`PolicyValue`],
+//! 3. `CIDR_V2[(table, destination)]` -> CIDR class: the table's ipBlocks (with
+//!    `except` already carved out) and "any destination" rules, longest match.
+//! 4. `POLICY_V3[(table, identity or class, protocol, port)]` -> [`PolicyValue`],
 //!    longest match over the port bits, so port ranges are a handful of prefixes.
 
 /// Map names, also the file names under the pin directory.
 pub mod names {
-    pub const ENDPOINT: &str = "ENDPOINT_V1";
+    pub const ENDPOINT: &str = "ENDPOINT_V2";
     /// cgroup id (of the pod's cgroup) -> endpoint, for `--attach cgroup`.
-    pub const ENDPOINT_CGROUP: &str = "ENDPOINT_CG_V1";
+    pub const ENDPOINT_CGROUP: &str = "ENDPOINT_CG_V2";
     pub const IDENTITY: &str = "IDENTITY_V1";
-    pub const CIDR: &str = "CIDR_V1";
-    /// `(endpoint, identity or class, protocol, port)` -> [`super::PolicyValue`]: what
+    /// `(table, network)` -> CIDR class.
+    pub const CIDR: &str = "CIDR_V2";
+    /// `(table, identity or class, protocol, port)` -> [`super::PolicyValue`]: what
     /// each tier decides there.
-    pub const POLICY: &str = "POLICY_V2";
+    pub const POLICY: &str = "POLICY_V3";
     /// Per-CPU array: one row of [`crate::COUNTER_SLOTS`] counters per endpoint slot.
     pub const COUNTERS: &str = "COUNTERS_V2";
     pub const SETTINGS: &str = "SETTINGS_V2";
@@ -48,14 +52,19 @@ pub mod names {
     pub const DNS_SETTINGS: &str = "DNS_SETTINGS_V1";
     /// Per-CPU counts by `crate::dns::DNS_STAT_*`.
     pub const DNS_STATS: &str = "DNS_STATS_V1";
-    /// Maps of the first layout that an upgraded agent takes over and then removes.
-    pub const LEGACY: [&str; 6] = [
+    /// Maps of earlier layouts that an upgraded agent takes over and then removes
+    /// (the endpoint-keyed tables went when tables became shared by pods).
+    pub const LEGACY: [&str; 10] = [
         "CONNTRACK_V1",
         "COUNTERS_V1",
         "SETTINGS_V1",
         "FRAGMENTS_V1",
         "POLICY_V1",
         "EVENTS_V1",
+        "ENDPOINT_V1",
+        "ENDPOINT_CG_V1",
+        "CIDR_V1",
+        "POLICY_V2",
     ];
     /// The single-table conntrack of the first layout (a [`super::FlowKey`] ->
     /// [`super::LegacyFlowState`] LRU), migrated into the new tables on upgrade.
@@ -101,20 +110,23 @@ pub const POLICY_PREFIX_ANY_PORT: u32 = 72;
 /// A prefix of this length matches one protocol and one port.
 pub const POLICY_PREFIX_FULL: u32 = 88;
 
-/// Bit length of the endpoint part of a [`CidrKey`]; add 96 + the IPv4 prefix length
+/// Bit length of the table part of a [`CidrKey`]; add 96 + the IPv4 prefix length
 /// for an IPv4 network (stored IPv4-mapped), or the IPv6 prefix length.
-pub const CIDR_PREFIX_ENDPOINT: u32 = 32;
+pub const CIDR_PREFIX_TABLE: u32 = 32;
 
 /// A local pod, as the kernel sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    /// The endpoint's number in the policy and CIDR tables and in the counters.
+    /// The endpoint's number in the counters, events and learnt DNS answers.
     pub id: u32,
     /// `ENDPOINT_FLAG_*` bits.
     pub flags: u32,
     pub ipv4: [u8; 4],
     pub ipv6: [u8; 16],
+    /// The number of the CIDR and policy table the endpoint's rules are in, shared by
+    /// the endpoints selected by the same policies.
+    pub table: u32,
 }
 
 /// A policy in enforce mode selects the endpoint for egress.
@@ -142,22 +154,23 @@ pub struct IpKey {
     pub addr: [u8; 16],
 }
 
-/// Data part of an LPM key of `CIDR_V1`.
+/// Data part of an LPM key of `CIDR_V2`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CidrKey {
-    /// Endpoint id, big-endian.
-    pub endpoint: [u8; 4],
+    /// Table number ([`Endpoint::table`]), big-endian.
+    pub table: [u8; 4],
     /// IPv4-mapped or IPv6 address.
     pub addr: [u8; 16],
 }
 
-/// Data part of an LPM key of `POLICY_V1`. Fields are byte arrays in network order
+/// Data part of an LPM key of `POLICY_V3`. Fields are byte arrays in network order
 /// because the trie compares bits from the first byte on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
-    pub endpoint: [u8; 4],
+    /// Table number ([`Endpoint::table`]).
+    pub table: [u8; 4],
     pub identity: [u8; 4],
     pub protocol: u8,
     pub port: [u8; 2],

@@ -15,19 +15,19 @@ use egret_common::{
 };
 
 #[map]
-static ENDPOINT_V1: HashMap<u32, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
+static ENDPOINT_V2: HashMap<u32, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 #[map]
-static ENDPOINT_CG_V1: HashMap<u64, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
+static ENDPOINT_CG_V2: HashMap<u64, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 #[map]
 static IDENTITY_V1: HashMap<IpKey, u32> = HashMap::pinned(capacity::IDENTITIES, 0);
 
 #[map]
-static CIDR_V1: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
+static CIDR_V2: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
 
 #[map]
-static POLICY_V2: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+static POLICY_V3: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
 /// Rows of `COUNTER_SLOTS` per endpoint slot; the agent sizes it from its flags.
 #[map]
@@ -60,12 +60,12 @@ const NO_EXIST: u64 = 1;
 pub fn endpoint_by_ifindex(ifindex: u32) -> Option<&'static Endpoint> {
     // SAFETY: endpoint values are replaced whole by userspace, never partially written
     // in place; a reader sees the old or the new value.
-    unsafe { ENDPOINT_V1.get(&ifindex) }
+    unsafe { ENDPOINT_V2.get(&ifindex) }
 }
 
 pub fn endpoint_by_cgroup(cgroup: u64) -> Option<&'static Endpoint> {
     // SAFETY: as for endpoint_by_ifindex.
-    unsafe { ENDPOINT_CG_V1.get(&cgroup) }
+    unsafe { ENDPOINT_CG_V2.get(&cgroup) }
 }
 
 /// The settings; an array lookup the verifier inlines.
@@ -79,20 +79,20 @@ pub fn identity(addr: &[u8; 16]) -> Option<u32> {
     unsafe { IDENTITY_V1.get(&IpKey { addr: *addr }) }.copied()
 }
 
-pub fn cidr_class(endpoint: u32, addr: &[u8; 16]) -> Option<u32> {
+pub fn cidr_class(table: u32, addr: &[u8; 16]) -> Option<u32> {
     let key = aya_ebpf::maps::lpm_trie::Key::new(
-        egret_common::maps::CIDR_PREFIX_ENDPOINT + 128,
+        egret_common::maps::CIDR_PREFIX_TABLE + 128,
         CidrKey {
-            endpoint: endpoint.to_be_bytes(),
+            table: table.to_be_bytes(),
             addr: *addr,
         },
     );
-    CIDR_V1.get(&key).copied()
+    CIDR_V2.get(&key).copied()
 }
 
-/// The entry for `(endpoint, identity or class, protocol, port)`, longest match.
+/// The entry for `(table, identity or class, protocol, port)`, longest match.
 pub fn policy(
-    endpoint: u32,
+    table: u32,
     identity: u32,
     protocol: u8,
     port: u16,
@@ -101,14 +101,14 @@ pub fn policy(
     let key = aya_ebpf::maps::lpm_trie::Key::new(
         prefix_len,
         PolicyKey {
-            endpoint: endpoint.to_be_bytes(),
+            table: table.to_be_bytes(),
             identity: identity.to_be_bytes(),
             protocol,
             port: port.to_be_bytes(),
             pad: 0,
         },
     );
-    POLICY_V2.get(&key)
+    POLICY_V3.get(&key)
 }
 
 /// Counts one packet. Endpoints numbered beyond the array's rows share its last

@@ -5,17 +5,17 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::sk_buff::SkBuff};
 use egret_common::{
     Decision, Reason, Verdict,
     maps::{
-        ENDPOINT_FLAG_FAIL_CLOSED, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
-        ENDPOINT_FLAGS_FILTERED, Endpoint, FlowKey, FragmentVerdict, POLICY_PREFIX_ANY_PORT,
-        POLICY_PREFIX_FULL, PolicyValue, SETTINGS_FLAG_AUDIT_ALL, SETTINGS_FLAG_DENY_UNKNOWN,
-        SETTINGS_FLAG_EVENTS_ALLOWED, SETTINGS_FLAG_KEEP_ESTABLISHED, Settings, TIER_RULE_NONE,
-        UNKNOWN_ENDPOINT_ID,
+        ENDPOINT_FLAG_DOMAINS, ENDPOINT_FLAG_FAIL_CLOSED, ENDPOINT_FLAG_HAS_IPV4,
+        ENDPOINT_FLAG_HAS_IPV6, ENDPOINT_FLAGS_FILTERED, Endpoint, FLOW_FLAG_LEARNT, FlowKey,
+        FragmentVerdict, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_FULL, PolicyValue,
+        SETTINGS_FLAG_AUDIT_ALL, SETTINGS_FLAG_DENY_UNKNOWN, SETTINGS_FLAG_EVENTS_ALLOWED,
+        SETTINGS_FLAG_KEEP_ESTABLISHED, Settings, TIER_RULE_NONE, UNKNOWN_ENDPOINT_ID,
     },
 };
 
 use crate::{
     conntrack::{self, Direction},
-    diagnostics, events, maps,
+    diagnostics, dns, events, maps,
     packet::{self, Fragment, Packet, Parsed},
 };
 
@@ -135,10 +135,10 @@ fn decide(
     }
     let Some(key) = conntrack::key(packet, Direction::Sent) else {
         // Not a flow (an ICMP message that is neither echo nor a known error).
-        return untracked(endpoint, packet, is_filtered);
+        return untracked(endpoint, packet, is_filtered, now);
     };
     let result = match conntrack::track(&key, packet, Direction::Sent, now, settings) {
-        Some(flow) => tracked(endpoint, packet, &key, &flow, is_filtered, settings),
+        Some(flow) => tracked(endpoint, packet, &key, &flow, is_filtered, settings, now),
         None => new_flow(endpoint, packet, &key, is_filtered, settings, now),
     };
     if packet.fragment == Fragment::First && is_filtered && result.verdict != Verdict::Deny {
@@ -158,6 +158,7 @@ fn tracked(
     flow: &conntrack::Tracked,
     is_filtered: bool,
     settings: &Settings,
+    now: u64,
 ) -> Outcome {
     if conntrack::is_reply(flow)
         || !is_filtered
@@ -166,19 +167,33 @@ fn tracked(
     {
         return outcome(Verdict::Allow, Reason::Conntrack);
     }
-    rejudge(endpoint, packet, key, settings.policy_epoch)
+    let at = Moment {
+        epoch: settings.policy_epoch,
+        now,
+        learnt: flow.flags & FLOW_FLAG_LEARNT != 0,
+    };
+    rejudge(endpoint, packet, key, &at)
 }
 
-/// The policy changed since the flow was last judged.
+/// When a flow is judged again: the epoch to record, the clock, and whether the flow
+/// was opened through a learnt address (BPF calls take five arguments at most).
+struct Moment {
+    epoch: u32,
+    now: u64,
+    learnt: bool,
+}
+
+/// The policy changed since the flow was last judged. A flow opened through a learnt
+/// address is judged as if the address had not expired: expiry is not a policy change.
 #[inline(never)]
-fn rejudge(endpoint: &Endpoint, packet: &Packet, key: &FlowKey, epoch: u32) -> Outcome {
-    let decision = policy_decision(endpoint, packet);
+fn rejudge(endpoint: &Endpoint, packet: &Packet, key: &FlowKey, at: &Moment) -> Outcome {
+    let decision = policy_decision(endpoint, packet, at.now, at.learnt).decision;
     if decision.verdict == Verdict::Deny {
         // Cut: the flow is forgotten, so its next packet is judged as new and denied.
         conntrack::forget(key);
         return decided(decision);
     }
-    conntrack::set_epoch(key, epoch);
+    conntrack::set_epoch(key, at.epoch);
     outcome(Verdict::Allow, Reason::Conntrack)
 }
 
@@ -191,23 +206,27 @@ fn new_flow(
     settings: &Settings,
     now: u64,
 ) -> Outcome {
-    let mut result = if is_filtered {
-        decided(policy_decision(endpoint, packet))
+    let (mut result, via_learnt) = if is_filtered {
+        let judged = policy_decision(endpoint, packet, now, false);
+        (decided(judged.decision), judged.via_learnt)
     } else {
-        outcome(Verdict::Allow, Reason::NotIsolated)
+        (outcome(Verdict::Allow, Reason::NotIsolated), false)
     };
     result.opened_flow = result.verdict != Verdict::Deny
         && conntrack::open(key, packet, Direction::Sent, now, settings.policy_epoch);
+    if result.opened_flow && via_learnt {
+        conntrack::mark_learnt(key);
+    }
     result
 }
 
 /// A packet that names no flow: judged on its own every time.
 #[inline(never)]
-fn untracked(endpoint: &Endpoint, packet: &Packet, is_filtered: bool) -> Outcome {
+fn untracked(endpoint: &Endpoint, packet: &Packet, is_filtered: bool, now: u64) -> Outcome {
     if !is_filtered {
         return outcome(Verdict::Allow, Reason::NotIsolated);
     }
-    decided(policy_decision(endpoint, packet))
+    decided(policy_decision(endpoint, packet, now, false).decision)
 }
 
 /// A fragment after the first follows the first fragment's verdict.
@@ -262,10 +281,18 @@ fn is_own_address(endpoint: &Endpoint, packet: &Packet) -> bool {
     }
 }
 
-/// The policy tables' answer: the entries for the destination's identity and for its
-/// CIDR class, joined, then the tier order over the result.
+/// What the tables said, and whether a learnt address took part.
+struct Judged {
+    decision: Decision,
+    via_learnt: bool,
+}
+
+/// The policy tables' answer: the entries for the destination's identity, for its
+/// CIDR class and (for an endpoint with domain rules) for the domain identity of a
+/// learnt address, joined, then the tier order over the result. `even_expired`: a
+/// learnt address counts after its expiry (a flow opened through it).
 #[inline(never)]
-fn policy_decision(endpoint: &Endpoint, packet: &Packet) -> Decision {
+fn policy_decision(endpoint: &Endpoint, packet: &Packet, now: u64, even_expired: bool) -> Judged {
     let prefix_len = if packet.has_ports() {
         POLICY_PREFIX_FULL
     } else {
@@ -274,32 +301,55 @@ fn policy_decision(endpoint: &Endpoint, packet: &Packet) -> Decision {
     let (protocol, port) = (packet.protocol, packet.dst_port);
     let mut found = PolicyValue::NONE;
     if let Some(identity) = maps::identity(&packet.dst)
-        && let Some(value) = maps::policy(endpoint.id, identity, protocol, port, prefix_len)
+        && let Some(value) = maps::policy(endpoint.table, identity, protocol, port, prefix_len)
     {
         found.join(value);
     }
-    if let Some(class) = maps::cidr_class(endpoint.id, &packet.dst)
-        && let Some(value) = maps::policy(endpoint.id, class, protocol, port, prefix_len)
+    if let Some(class) = maps::cidr_class(endpoint.table, &packet.dst)
+        && let Some(value) = maps::policy(endpoint.table, class, protocol, port, prefix_len)
     {
         found.join(value);
     }
-    egret_common::policy_decision(endpoint.flags, &found)
+    let mut via_learnt = false;
+    if endpoint.flags & ENDPOINT_FLAG_DOMAINS != 0
+        && let Some(domain) = dns::learnt_identity(endpoint, &packet.dst, now, even_expired)
+        && let Some(value) = maps::policy(endpoint.table, domain, protocol, port, prefix_len)
+    {
+        found.join(value);
+        via_learnt = true;
+    }
+    Judged {
+        decision: egret_common::policy_decision(endpoint.flags, &found),
+        via_learnt,
+    }
 }
 
 /// A packet reaching the endpoint: moves its flow along, or starts tracking a flow the
-/// endpoint accepts, so the endpoint's replies pass.
+/// endpoint accepts, so the endpoint's replies pass. A DNS answer to an endpoint with
+/// domain rules is read first (`endpoint` is only looked up for those).
 #[inline(always)]
-pub fn observe_received(skb: &SkBuff, l3: usize, ethertype: u16) {
+pub fn observe_received(
+    skb: &SkBuff,
+    l3: usize,
+    ethertype: u16,
+    endpoint: impl FnOnce() -> Option<&'static Endpoint>,
+) {
     let mut packet = Packet::EMPTY;
     if packet::parse(skb, l3, ethertype, &mut packet) != Parsed::Ip {
         return;
+    }
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if dns::is_answer(&packet)
+        && let Some(endpoint) = endpoint()
+        && endpoint.flags & ENDPOINT_FLAG_DOMAINS != 0
+    {
+        dns::learn(skb, &packet, endpoint, now);
     }
     let Some(key) = conntrack::key(&packet, Direction::Received) else {
         return;
     };
     let settings = maps::settings();
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if conntrack::track(&key, &packet, Direction::Received, now, settings).is_none() {
         conntrack::open(
             &key,

@@ -298,11 +298,13 @@ impl Layout {
                     | ENDPOINT_FLAG_HAS_IPV6,
                 ipv4: ipv4.octets(),
                 ipv6: ipv6.octets(),
+                // Each endpoint its own table: the benchmark's pods share no policies.
+                table: n + 1,
             },
         )
     }
 
-    /// The endpoint (1-based) and the endpoint's own index of table entry `k`.
+    /// The endpoint's table (1-based) and the endpoint's own index of table entry `k`.
     fn owner(self, k: usize) -> (u32, usize) {
         (
             u32::try_from(1 + k % self.local_pods).expect("small"),
@@ -349,14 +351,14 @@ impl Layout {
             }
         }
         for k in 0..self.entries {
-            let (endpoint, own) = self.owner(k);
+            let (table, own) = self.owner(k);
             let class = CIDR_CLASS_BIT | u32::try_from(1 + own % 16).expect("small");
-            let (key, value) = (cidr_key(endpoint, Self::cidr(own)), class);
+            let (key, value) = (cidr_key(table, Self::cidr(own)), class);
             image.cidrs.insert(key, value);
             let (identity, port) = self.grant(own);
             image.policy.insert(
                 policy_key(&PolicyEntryKey {
-                    endpoint,
+                    table,
                     identity,
                     ports: PortPrefix::port(TCP, port),
                 }),

@@ -413,5 +413,26 @@ fn ids_avoiding(held: &KernelImage) -> Ids {
                 .values()
                 .map(|class| class & !egret_common::maps::CIDR_CLASS_BIT),
         ),
+        tables: Allocator::reserving(
+            held.endpoints
+                .values()
+                .chain(held.cgroup_endpoints.values())
+                .map(|e| e.table)
+                .chain(
+                    held.cidrs
+                        .keys()
+                        .map(|(_, key)| u32::from_be_bytes(key.table)),
+                )
+                .chain(
+                    held.policy
+                        .keys()
+                        .map(|(_, key)| u32::from_be_bytes(key.table)),
+                ),
+        ),
+        domains: Allocator::reserving(
+            held.dns_names
+                .values()
+                .map(|entry| entry.identity & !egret_common::dns::DOMAIN_IDENTITY_BIT),
+        ),
     }
 }

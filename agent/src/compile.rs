@@ -2,13 +2,16 @@
 //! same snapshot, node and previous [`Ids`] always give the same tables.
 //!
 //! Layout (see `egret_common::maps`): pods are grouped into identities (namespace,
-//! labels, named ports); a global table maps each pod address to its identity, and each
-//! local endpoint gets policy entries per identity it may reach. ipBlocks and "any
-//! destination" rules become per-endpoint CIDR classes. Nothing is stored per
-//! (local pod x peer pod), so a pod joining a big namespace is one identity write.
+//! labels, named ports); a global table maps each pod address to its identity. Local
+//! endpoints selected by the same policies share one table, which holds policy entries
+//! per identity they may reach; ipBlocks and "any destination" rules become the
+//! table's CIDR classes. Nothing is stored per (local pod x peer pod), so a pod joining
+//! a big namespace is one identity write, and nothing per replica of a deployment.
 
 mod cidr;
+pub mod domains;
 mod ids;
+pub mod incremental;
 pub mod lookup;
 mod ports;
 #[cfg(test)]
@@ -18,7 +21,6 @@ pub mod tiers;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    rc::Rc,
     sync::Arc,
 };
 
@@ -80,6 +82,8 @@ impl PodView for IdentityKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointEntry {
     pub id: u32,
+    /// The table holding the endpoint's CIDR and policy entries.
+    pub table: u32,
     /// `ENDPOINT_FLAG_*` bits.
     pub flags: u32,
     pub ipv4: Option<Ipv4Addr>,
@@ -91,10 +95,10 @@ pub struct EndpointEntry {
     pub cluster_policies: Vec<String>,
 }
 
-/// A policy table entry's key: endpoint, identity (or CIDR class), protocol and ports.
+/// A policy table entry's key: table, identity (or CIDR class), protocol and ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyEntryKey {
-    pub endpoint: u32,
+    pub table: u32,
     pub identity: u32,
     pub ports: PortPrefix,
 }
@@ -136,11 +140,13 @@ pub struct Tables {
     pub endpoints: BTreeMap<ObjectKey, EndpointEntry>,
     /// Pod address -> identity, for every pod in the cluster that takes part in policy.
     pub identities: BTreeMap<IpAddr, u32>,
-    /// (endpoint, network) -> CIDR class (an identity with `CIDR_CLASS_BIT` set).
+    /// (table, network) -> CIDR class (an identity with `CIDR_CLASS_BIT` set).
     pub cidrs: BTreeMap<(u32, IpNet), u32>,
     pub policy: BTreeMap<PolicyEntryKey, Allowance>,
     /// Every `ClusterNetworkPolicy` rule by rank, as entries and flow events name them.
     pub tier_rules: Vec<TierRuleRef>,
+    /// (table, pattern key) -> a `domainNames` pattern of the table's endpoints.
+    pub domains: BTreeMap<(u32, u64), domains::DomainEntry>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -217,26 +223,14 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         .reassign(local.iter().map(|pod| pod.key()), 1);
 
     // Everything an endpoint gets follows from the set of policies selecting it, so pods
-    // selected by the same policies (the replicas of a deployment) share one layout.
+    // selected by the same policies (the replicas of a deployment) share one table.
     let ranked = tiers::Ranked::of(snapshot);
     let mut layouts: Vec<Layout> = Vec::new();
-    let mut layout_of: HashMap<(Vec<&PolicyRef>, Vec<&str>), usize> = HashMap::new();
-    let mut endpoint_layouts: Vec<(u32, usize)> = Vec::with_capacity(local.len());
+    let mut layout_of: HashMap<TableKey, usize> = HashMap::new();
+    let mut endpoint_layouts: Vec<(&Pod, Vec<String>, usize)> = Vec::with_capacity(local.len());
     for pod in &local {
-        let endpoint = compiled.ids.endpoints.id(&pod.key());
-        let selecting: Vec<&NetworkPolicy> = snapshot
-            .policies
-            .values()
-            .filter(|p| p.isolates_egress && p.selects(*pod))
-            .collect();
-        let selecting_cluster = ranked.selecting(snapshot, pod);
-        let key = (
-            selecting.iter().map(|p| &p.id).collect(),
-            selecting_cluster
-                .iter()
-                .map(|(p, _)| p.name.as_str())
-                .collect(),
-        );
+        let (key, selecting, selecting_cluster) = TableKey::of(snapshot, &ranked, pod);
+        let cluster_policies = key.cluster_policies.clone();
         let layout = *layout_of.entry(key).or_insert_with(|| {
             layouts.push(Layout::build(
                 snapshot,
@@ -248,41 +242,27 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
             ));
             layouts.len() - 1
         });
-        let program = &layouts[layout].program;
-        compiled.tables.endpoints.insert(
-            pod.key(),
-            EndpointEntry {
-                id: endpoint,
-                flags: program.flags | address_flags(pod),
-                ipv4: pod.ipv4(),
-                ipv6: pod.ipv6(),
-                isolated_by: program.isolated_by.clone(),
-                cluster_policies: selecting_cluster
-                    .iter()
-                    .map(|(policy, _)| policy.name.clone())
-                    .collect(),
-            },
-        );
-        for (identity, grants) in &program.identity_grants {
-            insert_grants(&mut compiled.tables.policy, endpoint, *identity, grants);
-        }
-        endpoint_layouts.push((endpoint, layout));
+        endpoint_layouts.push((pod, cluster_policies, layout));
     }
-
-    add_classes(&mut compiled, previous, &layouts, endpoint_layouts);
-    compiled.tables.tier_rules = ranked.rules;
-    compiled
-}
-
-/// Numbers the CIDR classes of every layout and writes each endpoint's CIDR and class
-/// entries. Classes are numbered by content, so an unchanged class keeps its number
-/// and a number is never reused for a different meaning within one update.
-fn add_classes(
-    compiled: &mut Compiled,
-    previous: &Ids,
-    layouts: &[Layout],
-    endpoint_layouts: Vec<(u32, usize)>,
-) {
+    let mut keys: Vec<(TableKey, usize)> = layout_of.into_iter().collect();
+    keys.sort_unstable();
+    compiled.ids.tables = previous
+        .tables
+        .reassign(keys.iter().map(|(key, _)| key.clone()), 1);
+    let mut table_numbers = vec![0; layouts.len()];
+    for (key, layout) in &keys {
+        table_numbers[*layout] = compiled.ids.tables.id(key);
+    }
+    for (pod, cluster_policies, layout) in endpoint_layouts {
+        let entry = EndpointEntry::of(
+            pod,
+            compiled.ids.endpoints.id(&pod.key()),
+            table_numbers[layout],
+            &layouts[layout].program,
+            cluster_policies,
+        );
+        compiled.tables.endpoints.insert(pod.key(), entry);
+    }
     let signatures: BTreeSet<&Grants> = layouts
         .iter()
         .flat_map(|layout| &layout.classes.grants)
@@ -290,28 +270,72 @@ fn add_classes(
     compiled.ids.classes = previous
         .classes
         .reassign(signatures.into_iter().cloned(), 1);
-    let class_numbers: Vec<Vec<u32>> = layouts
-        .iter()
-        .map(|layout| {
-            layout
-                .classes
-                .grants
+    for (layout, table) in layouts.iter().zip(&table_numbers) {
+        layout.write(&mut compiled.tables, &compiled.ids.classes, *table);
+    }
+    domains::add(&mut compiled, previous, &ranked);
+    compiled.tables.tier_rules = ranked.rules;
+    compiled
+}
+
+/// What makes a table: the policies selecting its endpoints for egress, and the
+/// `ClusterNetworkPolicy` objects whose subject they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableKey {
+    pub policies: Vec<PolicyRef>,
+    pub cluster_policies: Vec<String>,
+}
+
+type Selecting<'s> = (
+    TableKey,
+    Vec<&'s NetworkPolicy>,
+    Vec<(&'s ClusterNetworkPolicy, u32)>,
+);
+
+impl TableKey {
+    /// The key of `pod`'s table, with the policies (and cluster policies, ranked) that
+    /// select it.
+    fn of<'s>(snapshot: &'s Snapshot, ranked: &tiers::Ranked<'s>, pod: &Pod) -> Selecting<'s> {
+        // A NetworkPolicy selects pods of its own namespace only.
+        let first = PolicyRef {
+            namespace: pod.namespace.clone(),
+            name: String::new(),
+        };
+        let selecting: Vec<&NetworkPolicy> = snapshot
+            .policies
+            .range(first..)
+            .take_while(|(id, _)| id.namespace == pod.namespace)
+            .map(|(_, policy)| policy)
+            .filter(|p| p.isolates_egress && p.selects(pod))
+            .collect();
+        let selecting_cluster = ranked.selecting(snapshot, pod);
+        let key = TableKey {
+            policies: selecting.iter().map(|p| p.id.clone()).collect(),
+            cluster_policies: selecting_cluster
                 .iter()
-                .map(|grants| CIDR_CLASS_BIT | compiled.ids.classes.id(grants))
-                .collect()
-        })
-        .collect();
-    for (endpoint, layout) in endpoint_layouts {
-        let classes = &layouts[layout].classes;
-        let numbers = &class_numbers[layout];
-        for (net, grants) in &classes.prefixes {
-            compiled
-                .tables
-                .cidrs
-                .insert((endpoint, *net), numbers[*grants]);
-        }
-        for (grants, class) in classes.grants.iter().zip(numbers) {
-            insert_grants(&mut compiled.tables.policy, endpoint, *class, grants);
+                .map(|(p, _)| p.name.clone())
+                .collect(),
+        };
+        (key, selecting, selecting_cluster)
+    }
+}
+
+impl EndpointEntry {
+    fn of(
+        pod: &Pod,
+        id: u32,
+        table: u32,
+        program: &EndpointProgram,
+        cluster_policies: Vec<String>,
+    ) -> Self {
+        EndpointEntry {
+            id,
+            table,
+            flags: program.flags | address_flags(pod),
+            ipv4: pod.ipv4(),
+            ipv6: pod.ipv6(),
+            isolated_by: program.isolated_by.clone(),
+            cluster_policies,
         }
     }
 }
@@ -324,6 +348,26 @@ struct Layout {
 }
 
 impl Layout {
+    /// Writes the layout's entries as table `table`: its identity grants, and its CIDR
+    /// classes numbered by content (`classes` holds every class of this compile).
+    fn write(&self, tables: &mut Tables, classes: &Allocator<Grants>, table: u32) {
+        for (identity, grants) in &self.program.identity_grants {
+            insert_grants(&mut tables.policy, table, *identity, grants);
+        }
+        let numbers: Vec<u32> = self
+            .classes
+            .grants
+            .iter()
+            .map(|grants| CIDR_CLASS_BIT | classes.id(grants))
+            .collect();
+        for (net, grants) in &self.classes.prefixes {
+            tables.cidrs.insert((table, *net), numbers[*grants]);
+        }
+        for (grants, class) in self.classes.grants.iter().zip(&numbers) {
+            insert_grants(&mut tables.policy, table, *class, grants);
+        }
+    }
+
     /// `addresses`: pod address -> identity, as the identity table holds it.
     fn build(
         snapshot: &Snapshot,
@@ -333,7 +377,7 @@ impl Layout {
         selecting: &[&NetworkPolicy],
         selecting_cluster: &[(&ClusterNetworkPolicy, u32)],
     ) -> Self {
-        let program =
+        let mut program =
             EndpointProgram::build(snapshot, owners, identities, selecting, selecting_cluster);
         let mut classes = cidr::classes(&program.blocks);
         if program.flags != 0 {
@@ -342,6 +386,8 @@ impl Layout {
             let services = service_grants(snapshot, &program, &classes, addresses);
             classes.replace(services);
         }
+        // The blocks are in the classes now; a cached layout need not keep them.
+        program.blocks = Vec::new();
         Self { program, classes }
     }
 }
@@ -417,14 +463,14 @@ fn address_flags(pod: &Pod) -> u32 {
 
 fn insert_grants(
     policy: &mut BTreeMap<PolicyEntryKey, Allowance>,
-    endpoint: u32,
+    table: u32,
     identity: u32,
     grants: &Grants,
 ) {
     for (ports, allowance) in grants {
         policy.insert(
             PolicyEntryKey {
-                endpoint,
+                table,
                 identity,
                 ports: *ports,
             },
@@ -495,7 +541,7 @@ impl<'a> IdentityIndex<'a> {
 pub struct BlockGrant {
     pub net: IpNet,
     pub except: Vec<IpNet>,
-    pub grants: Rc<Grants>,
+    pub grants: Arc<Grants>,
 }
 
 /// Everything one local endpoint may send, before it is laid out in tables.
@@ -563,7 +609,7 @@ impl EndpointProgram {
                 .iter()
                 .any(|p| matches!(p.port, PortSpec::Named(_)));
             // Addresses that are not pods match no named port.
-            let unnamed = Rc::new(grants_for(&rule.ports, None, &allowance));
+            let unnamed = Arc::new(grants_for(&rule.ports, None, &allowance));
             let named_on = |named_ports: &[NamedPort]| {
                 let named: Vec<PortMatch> = rule
                     .ports
@@ -645,18 +691,18 @@ impl EndpointProgram {
     }
 
     fn add_block(&mut self, net: IpNet, except: Vec<IpNet>, grants: &Grants) {
-        self.add_shared_block(net, except, &Rc::new(grants.clone()));
+        self.add_shared_block(net, except, &Arc::new(grants.clone()));
     }
 
     /// Adds a block whose grants other blocks (of the same rule) share.
-    fn add_shared_block(&mut self, net: IpNet, except: Vec<IpNet>, grants: &Rc<Grants>) {
+    fn add_shared_block(&mut self, net: IpNet, except: Vec<IpNet>, grants: &Arc<Grants>) {
         if grants.is_empty() {
             return;
         }
         self.blocks.push(BlockGrant {
             net,
             except,
-            grants: Rc::clone(grants),
+            grants: Arc::clone(grants),
         });
     }
 }

@@ -12,6 +12,10 @@ use crate::policy::{
     Labels, NamedPort, NetworkPolicy, PodView, PolicyRef, Protocol, cluster::ClusterNetworkPolicy,
 };
 
+pub use self::changes::Changes;
+
+mod changes;
+
 /// The label the API server puts on every namespace (Kubernetes >= 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 

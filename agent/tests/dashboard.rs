@@ -133,7 +133,7 @@ fn populated_metrics() -> Metrics {
     };
     metrics.endpoints.get_or_create(&state).set(1);
     let map = MapLabels {
-        map: "POLICY_V2".to_owned(),
+        map: "POLICY_V3".to_owned(),
     };
     metrics.map_entries.get_or_create(&map).set(1);
     metrics.map_capacity.get_or_create(&map).set(2);

@@ -240,7 +240,7 @@ fn enforce_as_the_first_layout(shop: &Shop, pin_dir: &std::path::Path) {
     };
     use egret::{
         compile::{Ids, Scope, compile},
-        datapath::{Capacities, Datapath, image::KernelImage},
+        datapath::image::KernelImage,
         source::manifest::Loader,
     };
 
@@ -282,19 +282,7 @@ fn enforce_as_the_first_layout(shop: &Shop, pin_dir: &std::path::Path) {
             .default_map_pin_directory(&pin_dir)
             .load(&object)
             .expect("first-layout programs load");
-        let mut datapath = Datapath::open(&pin_dir, Capacities::default()).unwrap();
-        datapath.apply(&image).expect("tables written");
-        drop(datapath);
-        // The policy table changed its value layout since: the first layout's holds
-        // only the NetworkPolicy allow bits.
-        let data = aya::maps::MapData::from_pin(pin_dir.join("POLICY_V1")).unwrap();
-        let mut first_policy: aya::maps::LpmTrie<_, egret_common::maps::PolicyKey, u32> =
-            aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
-        for (key, value) in &image.policy {
-            first_policy
-                .insert(&aya::maps::lpm_trie::Key::new(key.0, key.1), value.flags, 0)
-                .unwrap();
-        }
+        write_first_layout_tables(&pin_dir, &image);
         std::fs::create_dir_all(pin_dir.join("links")).unwrap();
         for (program, attach_type, pin_name) in [
             ("egret_to_pod", TcAttachType::Egress, "to_pod"),
@@ -321,6 +309,65 @@ fn enforce_as_the_first_layout(shop: &Shop, pin_dir: &std::path::Path) {
             }
         }
     });
+}
+
+/// The first layout's endpoint value: no table number, its id keyed the CIDR and
+/// policy tables.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FirstLayoutEndpoint {
+    id: u32,
+    flags: u32,
+    ipv4: [u8; 4],
+    ipv6: [u8; 16],
+}
+
+// SAFETY: `repr(C)`, no padding, plain integers.
+unsafe impl aya::Pod for FirstLayoutEndpoint {}
+
+/// Writes `image` into the first layout's maps as its agent did: endpoints without a
+/// table number, CIDR and policy entries keyed by endpoint (each endpoint gets its
+/// table's entries), policy values holding only the NetworkPolicy allow bits.
+fn write_first_layout_tables(
+    pin_dir: &std::path::Path,
+    image: &egret::datapath::image::KernelImage,
+) {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+    use egret_common::maps::{CidrKey, IpKey, PolicyKey};
+
+    let open = |name: &str| MapData::from_pin(pin_dir.join(name)).unwrap();
+    let mut endpoints: HashMap<_, u32, FirstLayoutEndpoint> =
+        HashMap::try_from(Map::HashMap(open("ENDPOINT_V1"))).unwrap();
+    let mut identities: HashMap<_, IpKey, u32> =
+        HashMap::try_from(Map::HashMap(open("IDENTITY_V1"))).unwrap();
+    let mut cidrs: LpmTrie<_, CidrKey, u32> =
+        LpmTrie::try_from(Map::LpmTrie(open("CIDR_V1"))).unwrap();
+    let mut policy: LpmTrie<_, PolicyKey, u32> =
+        LpmTrie::try_from(Map::LpmTrie(open("POLICY_V1"))).unwrap();
+    for (key, identity) in &image.identities {
+        identities.insert(key, identity, 0).unwrap();
+    }
+    for (ifindex, endpoint) in &image.endpoints {
+        let first = FirstLayoutEndpoint {
+            id: endpoint.id,
+            flags: endpoint.flags,
+            ipv4: endpoint.ipv4,
+            ipv6: endpoint.ipv6,
+        };
+        endpoints.insert(ifindex, first, 0).unwrap();
+        let table = endpoint.table.to_be_bytes();
+        let id = endpoint.id.to_be_bytes();
+        for ((prefix, key), class) in image.cidrs.iter().filter(|(k, _)| k.1.table == table) {
+            let key = CidrKey { table: id, ..*key };
+            cidrs.insert(&Key::new(*prefix, key), class, 0).unwrap();
+        }
+        for ((prefix, key), value) in image.policy.iter().filter(|(k, _)| k.1.table == table) {
+            let key = PolicyKey { table: id, ..*key };
+            policy
+                .insert(&Key::new(*prefix, key), value.flags, 0)
+                .unwrap();
+        }
+    }
 }
 
 #[test]

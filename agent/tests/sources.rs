@@ -331,20 +331,20 @@ fn assert_nothing_left(agent: &egret_testbed::agent::AgentProcess, stable_ifinde
         image.endpoints.keys()
     );
     assert_eq!(image.identities.len(), 6, "three pods, two addresses each");
-    let live: Vec<u32> = image.endpoints.values().map(|e| e.id).collect();
+    let live: Vec<u32> = image.endpoints.values().map(|e| e.table).collect();
     assert!(
         image
             .policy
             .keys()
-            .all(|(_, k)| live.contains(&u32::from_be_bytes(k.endpoint))),
-        "policy entries of gone endpoints"
+            .all(|(_, k)| live.contains(&u32::from_be_bytes(k.table))),
+        "policy entries of tables no endpoint uses"
     );
     assert!(
         image
             .cidrs
             .keys()
-            .all(|(_, k)| live.contains(&u32::from_be_bytes(k.endpoint))),
-        "CIDR entries of gone endpoints"
+            .all(|(_, k)| live.contains(&u32::from_be_bytes(k.table))),
+        "CIDR entries of tables no endpoint uses"
     );
     let links = std::fs::read_dir(agent.pin_dir().join("links"))
         .unwrap()
@@ -416,8 +416,8 @@ fn health_readiness_and_metrics() {
     let families = [
         "egret_programming_latency_seconds_bucket",
         "egret_reconcile_runs_total",
-        "egret_map_entries{map=\"POLICY_V2\"}",
-        "egret_map_capacity{map=\"POLICY_V2\"}",
+        "egret_map_entries{map=\"POLICY_V3\"}",
+        "egret_map_capacity{map=\"POLICY_V3\"}",
         "egret_policies_loaded{kind=\"NetworkPolicy\"} 1",
         "egret_policies_loaded{kind=\"ClusterNetworkPolicy\"} 0",
         "egret_endpoints{state=\"enforced\"} 3",

@@ -118,7 +118,7 @@ pub fn plan(
         .tables
         .endpoints
         .iter()
-        .filter(|(_, entry)| failed.contains(&entry.id))
+        .filter(|(_, entry)| failed.contains(&entry.table))
         .map(|(pod, _)| pod.clone())
         .collect();
 

@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, HashMap, hash_map::Entry},
     net::IpAddr,
-    rc::Rc,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -229,13 +229,15 @@ impl<'a> Unions<'a> {
         let kinds = blocks
             .iter()
             .map(|block| {
-                *by_rule.entry(Rc::as_ptr(&block.grants)).or_insert_with(|| {
-                    let grants: &Grants = &block.grants;
-                    *index.entry(grants).or_insert_with(|| {
-                        distinct.push(grants);
-                        distinct.len() - 1
+                *by_rule
+                    .entry(Arc::as_ptr(&block.grants))
+                    .or_insert_with(|| {
+                        let grants: &Grants = &block.grants;
+                        *index.entry(grants).or_insert_with(|| {
+                            distinct.push(grants);
+                            distinct.len() - 1
+                        })
                     })
-                })
             })
             .collect();
         Self {

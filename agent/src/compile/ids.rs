@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Grants, IdentityKey};
+use super::{Grants, IdentityKey, TableKey};
 use crate::state::ObjectKey;
 
 /// Numbers handed out to keys. A key keeps its number while it exists; a new key never
@@ -64,6 +64,47 @@ impl<K: Ord + Clone> Allocator<K> {
         }
     }
 
+    /// Moves the allocation on by a change of its keys: what [`reassign`] gives for
+    /// the keys held, less `removed`, plus `added`, without walking the keys that stay.
+    /// `added` must hold only keys the allocation does not, `removed` only keys it does.
+    ///
+    /// [`reassign`]: Allocator::reassign
+    pub fn advance(&mut self, removed: &[K], added: impl IntoIterator<Item = K>, first: u32) {
+        let mut added: Vec<K> = added.into_iter().collect();
+        added.sort_unstable();
+        added.dedup();
+        // As in `reassign`, the numbers of removed keys and the reserved ones stay out of
+        // use for this one step.
+        let mut used: BTreeSet<u32> = std::mem::take(&mut self.reserved);
+        for key in removed {
+            if let Some(number) = self.ids.remove(key) {
+                used.insert(number);
+            }
+        }
+        if added.is_empty() {
+            return;
+        }
+        let mut held: BTreeSet<u32> = self.ids.values().copied().collect();
+        held.extend(used);
+        let mut next = first;
+        for key in added {
+            while held.contains(&next) {
+                next += 1;
+            }
+            held.insert(next);
+            self.ids.insert(key, next);
+        }
+    }
+
+    #[must_use]
+    pub fn contains(&self, key: &K) -> bool {
+        self.ids.contains_key(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.ids.keys()
+    }
+
     /// The number of a key the allocation holds.
     ///
     /// # Panics
@@ -98,4 +139,7 @@ pub struct Ids {
     pub endpoints: Allocator<ObjectKey>,
     pub identities: Allocator<IdentityKey>,
     pub classes: Allocator<Grants>,
+    pub tables: Allocator<TableKey>,
+    /// Domain patterns (`*.example.com`), numbered below `DOMAIN_IDENTITY_BIT`.
+    pub domains: Allocator<String>,
 }

@@ -61,12 +61,12 @@ pub fn decide(
     }
     let mut found = Allowance::default();
     if let Some(identity) = tables.identities.get(&dst)
-        && let Some(allowance) = policy_match(tables, endpoint.id, *identity, protocol, port)
+        && let Some(allowance) = policy_match(tables, endpoint.table, *identity, protocol, port)
     {
         found.merge(allowance);
     }
-    if let Some(class) = cidr_match(tables, endpoint.id, dst)
-        && let Some(allowance) = policy_match(tables, endpoint.id, class, protocol, port)
+    if let Some(class) = cidr_match(tables, endpoint.table, dst)
+        && let Some(allowance) = policy_match(tables, endpoint.table, class, protocol, port)
     {
         found.merge(allowance);
     }
@@ -101,8 +101,8 @@ pub fn decide(
     }
 }
 
-/// Longest match in the endpoint's CIDR table.
-fn cidr_match(tables: &Tables, endpoint: u32, dst: IpAddr) -> Option<u32> {
+/// Longest match in the table's CIDR entries.
+fn cidr_match(tables: &Tables, table: u32, dst: IpAddr) -> Option<u32> {
     let max = match dst {
         IpAddr::V4(_) => 32,
         IpAddr::V6(_) => 128,
@@ -111,21 +111,21 @@ fn cidr_match(tables: &Tables, endpoint: u32, dst: IpAddr) -> Option<u32> {
         let net = IpNet::new(dst, len)
             .expect("length within the family")
             .trunc();
-        tables.cidrs.get(&(endpoint, net)).copied()
+        tables.cidrs.get(&(table, net)).copied()
     })
 }
 
 /// Longest match in the policy table, as the kernel keys it.
 fn policy_match(
     tables: &Tables,
-    endpoint: u32,
+    table: u32,
     identity: u32,
     protocol: u8,
     port: u16,
 ) -> Option<&Allowance> {
     port_candidates(protocol, port).find_map(|ports| {
         tables.policy.get(&PolicyEntryKey {
-            endpoint,
+            table,
             identity,
             ports,
         })

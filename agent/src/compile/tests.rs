@@ -1,4 +1,4 @@
-use std::{fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr};
 
 use egret_common::{Verdict, proto};
 use proptest::prelude::*;
@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use super::{Ids, Scope, compile, lookup, ports::range_prefixes};
 use crate::{
     policy::Protocol,
-    state::{ObjectKey, Snapshot},
+    state::{ObjectKey, Pod, Snapshot},
     testing::{mk_namespace, mk_pod, mk_policy, named_port, reference_verdict, snapshot},
 };
 
@@ -192,18 +192,16 @@ fn pod_joining_a_namespace_is_one_identity_write() {
         .tables
         .endpoints
         .retain(|key, _| before.tables.endpoints.contains_key(key));
-    let new_endpoint_ids: Vec<u32> = [("shop", "db-2"), ("shop", "db-3")]
-        .iter()
-        .filter_map(|(ns, name)| after.ids.endpoints.get(&ObjectKey::new(*ns, *name)))
-        .collect();
+    // Tables only the new endpoints use are theirs alone.
+    let tables_before: BTreeSet<u32> = before.tables.endpoints.values().map(|e| e.table).collect();
     after
         .tables
         .policy
-        .retain(|key, _| !new_endpoint_ids.contains(&key.endpoint));
+        .retain(|key, _| tables_before.contains(&key.table));
     after
         .tables
         .cidrs
-        .retain(|(endpoint, _), _| !new_endpoint_ids.contains(endpoint));
+        .retain(|(table, _), _| tables_before.contains(table));
     assert_eq!(after.tables.cidrs, before.tables.cidrs);
     assert_eq!(after.tables.endpoints, before.tables.endpoints);
     // db-3 shares db's identity: its address is the only new entry it needs.
@@ -215,6 +213,30 @@ fn pod_joining_a_namespace_is_one_identity_write() {
     // db-2 has a new identity; the api endpoint may reach it on no port (no named port),
     // so no policy entry changes for it either.
     assert_eq!(after.tables.policy, before.tables.policy);
+}
+
+#[test]
+fn replicas_share_one_table() {
+    let mut s = shop();
+    s.insert_policy(mk_policy(
+        "metadata: {name: web-out, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}}]}]\n",
+    ));
+    let one = compile(&s, &Scope::Node("node-1".into()), &Ids::default());
+    for (name, ip) in [("web-2", "10.0.0.12"), ("web-3", "10.0.0.13")] {
+        s.insert_pod(mk_pod("shop", name, &[("app", "web")], &[ip]));
+    }
+    let three = compile(&s, &Scope::Node("node-1".into()), &one.ids);
+    let web = |name: &str| &three.tables.endpoints[&ObjectKey::new("shop", name)];
+    assert_eq!(web("web").table, web("web-2").table);
+    assert_eq!(web("web").table, web("web-3").table);
+    assert_ne!(web("web").id, web("web-2").id, "counters stay per pod");
+    assert_ne!(
+        web("web").table,
+        three.tables.endpoints[&ObjectKey::new("shop", "api")].table
+    );
+    // Three replicas cost no entry beyond the one replica's.
+    assert_eq!(three.tables.policy, one.tables.policy);
+    assert_eq!(three.tables.cidrs, one.tables.cidrs);
 }
 
 #[test]
@@ -260,7 +282,7 @@ pub(super) const CIDRS: [&str; 8] = [
 ];
 pub(super) const PORTS: [u16; 6] = [53, 80, 81, 443, 1000, 1001];
 
-fn arb_labels() -> impl Strategy<Value = Vec<(String, String)>> {
+pub(super) fn arb_labels() -> impl Strategy<Value = Vec<(String, String)>> {
     proptest::collection::vec(
         (
             prop::sample::select(&["app", "tier"][..]),
@@ -352,7 +374,7 @@ fn arb_rule() -> impl Strategy<Value = String> {
         })
 }
 
-fn arb_policy(index: usize) -> impl Strategy<Value = String> {
+pub(super) fn arb_policy(index: usize) -> impl Strategy<Value = String> {
     (
         prop::sample::select(&["x", "y"][..]),
         arb_selector(),
@@ -371,7 +393,7 @@ fn arb_policy(index: usize) -> impl Strategy<Value = String> {
 }
 
 #[derive(Debug, Clone)]
-struct PodSpec {
+pub(super) struct PodSpec {
     namespace: &'static str,
     labels: Vec<(String, String)>,
     addresses: Vec<usize>,
@@ -379,7 +401,38 @@ struct PodSpec {
     host_network: bool,
 }
 
-fn arb_pod() -> impl Strategy<Value = PodSpec> {
+impl PodSpec {
+    pub(super) fn pod(&self, name: &str) -> Pod {
+        let labels: Vec<(&str, &str)> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let addresses: Vec<&str> = self.addresses.iter().map(|a| ADDRESSES[*a]).collect();
+        let mut pod = mk_pod(self.namespace, name, &labels, &addresses);
+        // At most one address per family, as Kubernetes guarantees.
+        let mut seen = (false, false);
+        pod.ips.retain(|ip| {
+            let slot = if ip.is_ipv4() {
+                &mut seen.0
+            } else {
+                &mut seen.1
+            };
+            !std::mem::replace(slot, true)
+        });
+        let mut names = BTreeSet::new();
+        pod.named_ports = self
+            .named
+            .iter()
+            .filter(|(name, _, _)| names.insert(*name))
+            .map(|(name, protocol, port)| named_port(name, *protocol, *port))
+            .collect();
+        pod.host_network = self.host_network;
+        pod
+    }
+}
+
+pub(super) fn arb_pod() -> impl Strategy<Value = PodSpec> {
     (
         prop::sample::select(&["x", "y", "z"][..]),
         arb_labels(),
@@ -420,32 +473,7 @@ pub(super) fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                 .collect();
             s.insert_namespace(mk_namespace("y", &y));
             for (i, spec) in pods.iter().enumerate() {
-                let labels: Vec<(&str, &str)> = spec
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                let addresses: Vec<&str> = spec.addresses.iter().map(|a| ADDRESSES[*a]).collect();
-                let mut pod = mk_pod(spec.namespace, &format!("p{i}"), &labels, &addresses);
-                // At most one address per family, as Kubernetes guarantees.
-                let mut seen = (false, false);
-                pod.ips.retain(|ip| {
-                    let slot = if ip.is_ipv4() {
-                        &mut seen.0
-                    } else {
-                        &mut seen.1
-                    };
-                    !std::mem::replace(slot, true)
-                });
-                let mut names = std::collections::BTreeSet::new();
-                pod.named_ports = spec
-                    .named
-                    .iter()
-                    .filter(|(name, _, _)| names.insert(*name))
-                    .map(|(name, protocol, port)| named_port(name, *protocol, *port))
-                    .collect();
-                pod.host_network = spec.host_network;
-                s.insert_pod(pod);
+                s.insert_pod(spec.pod(&format!("p{i}")));
             }
             for policy in policies {
                 s.insert_policy(mk_policy(&policy));

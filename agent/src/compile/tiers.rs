@@ -14,7 +14,7 @@ use egret_common::maps::{PolicyValue, TIER_RANK_MAX, TierAction, tier_rule};
 use ipnet::IpNet;
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use super::{Allowance, EndpointProgram, Grants, IdentityKey, grants_for};
 use crate::{

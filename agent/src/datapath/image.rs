@@ -6,7 +6,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use egret_common::maps::{CIDR_PREFIX_ENDPOINT, CidrKey, Endpoint, IpKey, PolicyKey, PolicyValue};
+use egret_common::dns::{NameEntry, NameKey};
+use egret_common::maps::{CIDR_PREFIX_TABLE, CidrKey, Endpoint, IpKey, PolicyKey, PolicyValue};
 use ipnet::IpNet;
 
 use crate::{
@@ -26,6 +27,8 @@ pub struct KernelImage {
     pub identities: BTreeMap<IpKey, u32>,
     pub cidrs: BTreeMap<LpmKey<CidrKey>, u32>,
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyValue>,
+    /// (table, domain pattern) -> domain identity (`DNS_NAMES_V1`).
+    pub dns_names: BTreeMap<NameKey, NameEntry>,
 }
 
 impl KernelImage {
@@ -44,6 +47,7 @@ impl KernelImage {
                 flags: entry.flags,
                 ipv4: entry.ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
                 ipv6: entry.ipv6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets(),
+                table: entry.table,
             };
             if let Some(ifindex) = interfaces.get(pod) {
                 image.endpoints.insert(*ifindex, endpoint);
@@ -55,11 +59,24 @@ impl KernelImage {
         for (ip, identity) in &tables.identities {
             image.identities.insert(ip_key(*ip), *identity);
         }
-        for ((endpoint, net), class) in &tables.cidrs {
-            image.cidrs.insert(cidr_key(*endpoint, *net), *class);
+        for ((table, net), class) in &tables.cidrs {
+            image.cidrs.insert(cidr_key(*table, *net), *class);
         }
         for (key, allowance) in &tables.policy {
             image.policy.insert(policy_key(key), allowance.value);
+        }
+        for ((table, pattern), entry) in &tables.domains {
+            image.dns_names.insert(
+                NameKey {
+                    owner: *table,
+                    pad: 0,
+                    pattern: *pattern,
+                },
+                NameEntry {
+                    identity: entry.identity,
+                    pad: 0,
+                },
+            );
         }
         image
     }
@@ -87,7 +104,7 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
 }
 
 #[must_use]
-pub fn cidr_key(endpoint: u32, net: IpNet) -> LpmKey<CidrKey> {
+pub fn cidr_key(table: u32, net: IpNet) -> LpmKey<CidrKey> {
     let (addr, prefix_len) = match net {
         IpNet::V4(v4) => (
             v4.addr().to_ipv6_mapped().octets(),
@@ -96,9 +113,9 @@ pub fn cidr_key(endpoint: u32, net: IpNet) -> LpmKey<CidrKey> {
         IpNet::V6(v6) => (v6.addr().octets(), u32::from(v6.prefix_len())),
     };
     (
-        CIDR_PREFIX_ENDPOINT + prefix_len,
+        CIDR_PREFIX_TABLE + prefix_len,
         CidrKey {
-            endpoint: endpoint.to_be_bytes(),
+            table: table.to_be_bytes(),
             addr,
         },
     )
@@ -113,7 +130,7 @@ pub fn policy_key(key: &PolicyEntryKey) -> LpmKey<PolicyKey> {
     (
         key.ports.trie_prefix_len(),
         PolicyKey {
-            endpoint: key.endpoint.to_be_bytes(),
+            table: key.table.to_be_bytes(),
             identity: key.identity.to_be_bytes(),
             protocol,
             port: port.to_be_bytes(),
@@ -163,10 +180,10 @@ pub struct Room {
 }
 
 impl KernelImage {
-    /// Makes the image fit the tables: while the CIDR or policy entries exceed their
-    /// room, the endpoint with the most entries loses all of them and fails closed
-    /// (`ENDPOINT_FLAG_FAIL_CLOSED`: it may send nothing), so every other endpoint keeps
-    /// exact enforcement. Returns the endpoint ids that fail closed.
+    /// Makes the image fit the maps: while the CIDR or policy entries exceed their
+    /// room, the table with the most entries loses all of them and the endpoints using
+    /// it fail closed (`ENDPOINT_FLAG_FAIL_CLOSED`: they may send nothing), so every
+    /// other endpoint keeps exact enforcement. Returns the tables that were dropped.
     pub fn fit(&mut self, held: &KernelImage, capacity: Room) -> Vec<u32> {
         use egret_common::maps::ENDPOINT_FLAG_FAIL_CLOSED;
         let mut failed = Vec::new();
@@ -190,10 +207,10 @@ impl KernelImage {
             }
             let mut sizes: BTreeMap<u32, usize> = BTreeMap::new();
             for (_, key) in self.policy.keys() {
-                *sizes.entry(u32::from_be_bytes(key.endpoint)).or_default() += 1;
+                *sizes.entry(u32::from_be_bytes(key.table)).or_default() += 1;
             }
             for (_, key) in self.cidrs.keys() {
-                *sizes.entry(u32::from_be_bytes(key.endpoint)).or_default() += 1;
+                *sizes.entry(u32::from_be_bytes(key.table)).or_default() += 1;
             }
             // Largest first; ties by id, so the choice is deterministic.
             let Some((&victim, _)) = sizes
@@ -203,9 +220,9 @@ impl KernelImage {
                 break;
             };
             self.policy
-                .retain(|(_, key), _| u32::from_be_bytes(key.endpoint) != victim);
+                .retain(|(_, key), _| u32::from_be_bytes(key.table) != victim);
             self.cidrs
-                .retain(|(_, key), _| u32::from_be_bytes(key.endpoint) != victim);
+                .retain(|(_, key), _| u32::from_be_bytes(key.table) != victim);
             failed.push(victim);
         }
         for endpoint in self
@@ -213,7 +230,7 @@ impl KernelImage {
             .values_mut()
             .chain(self.cgroup_endpoints.values_mut())
         {
-            if failed.contains(&endpoint.id) {
+            if failed.contains(&endpoint.table) {
                 endpoint.flags |= ENDPOINT_FLAG_FAIL_CLOSED;
             }
         }

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    rc::Rc,
+    sync::Arc,
 };
 
 use egret_common::maps::{POLICY_ALLOW_AUDITED, POLICY_ALLOW_ENFORCED};
@@ -160,7 +160,7 @@ fn grants(choice: u8) -> Grants {
     };
     let allow = |flags, rule| Allowance {
         value: egret_common::maps::PolicyValue::allowing(flags),
-        rules: std::sync::Arc::new(BTreeSet::from([rule])),
+        rules: Arc::new(BTreeSet::from([rule])),
     };
     let tcp = |port, len| PortPrefix::Protocol {
         protocol: proto::TCP,
@@ -252,7 +252,7 @@ fn arb_blocks() -> impl Strategy<Value = (Vec<BlockGrant>, Vec<BlockGrant>)> {
                             .iter()
                             .map(|(bits, length, wild)| except_of(net, *bits, *length, *wild))
                             .collect(),
-                        grants: Rc::new(grants(raw.grants)),
+                        grants: Arc::new(grants(raw.grants)),
                     }
                 })
                 .collect();
@@ -264,7 +264,7 @@ fn arb_blocks() -> impl Strategy<Value = (Vec<BlockGrant>, Vec<BlockGrant>)> {
                 .map(|block| BlockGrant {
                     net: block.net.trunc(),
                     except: block.except.iter().map(IpNet::trunc).collect(),
-                    grants: Rc::clone(&block.grants),
+                    grants: Arc::clone(&block.grants),
                 })
                 .collect();
             (blocks, cleared)
@@ -339,7 +339,7 @@ fn except_holes_and_repeats() {
     let block = |net: &str, except: &[&str], choice| BlockGrant {
         net: net.parse().unwrap(),
         except: except.iter().map(|e| e.parse().unwrap()).collect(),
-        grants: Rc::new(grants(choice)),
+        grants: Arc::new(grants(choice)),
     };
     let blocks = [
         block("10.0.0.0/16", &["10.0.1.0/24", "10.0.1.128/25"], 0),
@@ -484,7 +484,7 @@ proptest! {
                 Peer::Block(block) => Some(BlockGrant {
                     net: block.cidr,
                     except: block.except.clone(),
-                    grants: Rc::default(),
+                    grants: Arc::default(),
                 }),
                 Peer::Pods(_) => None,
             })
@@ -516,7 +516,7 @@ fn service_addresses_replace_what_the_blocks_give_them() {
     let block = |net: &str, choice| BlockGrant {
         net: net.parse().unwrap(),
         except: Vec::new(),
-        grants: Rc::new(grants(choice)),
+        grants: Arc::new(grants(choice)),
     };
     let mut out = classes(&[block("10.0.0.0/24", 0), block("10.0.0.5/32", 1)]);
     let net = |s: &str| s.parse::<IpNet>().unwrap();

@@ -65,7 +65,7 @@ fn arb_rule() -> impl Strategy<Value = String> {
         })
 }
 
-fn arb_cluster_policy(index: usize) -> impl Strategy<Value = String> {
+pub(in crate::compile) fn arb_cluster_policy(index: usize) -> impl Strategy<Value = String> {
     (
         prop::sample::select(&["Admin", "Baseline"][..]),
         // Few priorities, so ties (ordered by name) happen.

@@ -127,6 +127,8 @@ pub struct Config {
     pub flow_log: Sink,
     /// Flow records kept in memory for `egret flows`.
     pub flow_history: usize,
+    /// Lifetimes of addresses learnt from DNS answers (`--dns-min-ttl`, `--dns-grace`).
+    pub dns: egret_common::dns::DnsSettings,
 }
 
 #[derive(Debug, Error)]
@@ -158,6 +160,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let mut datapath = Datapath::open(&config.pin_dir, config.capacities)?;
     datapath.set_settings(settings(&config))?;
+    datapath.set_dns_settings(config.dns)?;
     let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
     for (map, capacity) in record::capacity_rows(config.capacities) {
         metrics

@@ -18,7 +18,7 @@ use egret::{
     simulate::Simulator,
     source::manifest,
 };
-use egret_common::{Verdict, maps::Timeouts};
+use egret_common::{Verdict, dns::DnsSettings, maps::Timeouts};
 use table::{Align, Table};
 
 #[derive(Parser)]
@@ -236,6 +236,14 @@ struct RunArgs {
     /// Seconds a TCP connection that saw a FIN is kept idle before it is forgotten.
     #[arg(long, default_value_t = Timeouts::DEFAULT.closing)]
     conntrack_timeout_closing: u32,
+    /// domainNames rules: an address a DNS answer gave a pod admits new connections for
+    /// at least this many seconds, even when the answer's TTL is shorter.
+    #[arg(long, value_name = "SECONDS", default_value_t = DnsSettings::DEFAULT.min_ttl_s)]
+    dns_min_ttl: u32,
+    /// domainNames rules: seconds a learnt address still admits new connections after
+    /// its TTL (open connections continue regardless).
+    #[arg(long, value_name = "SECONDS", default_value_t = DnsSettings::DEFAULT.grace_s)]
+    dns_grace: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -397,6 +405,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tcp_established: args.conntrack_timeout_tcp_established,
             other_established: args.conntrack_timeout_other_established,
             closing: args.conntrack_timeout_closing,
+        },
+        dns: DnsSettings {
+            min_ttl_s: args.dns_min_ttl,
+            grace_s: args.dns_grace,
         },
         resync,
     };

@@ -643,6 +643,10 @@ impl Datapath {
         }
         // Patterns before the endpoints whose flags make the kernel read them.
         stats.written += self.dns.write(&dns_names, &mut self.held.dns_names)?;
+        // What the kernel learnt for a pod follows it to a new number before the switch.
+        let numbers_before = endpoint_numbers(&self.held);
+        let renumbered = renumbered(&self.held, &endpoints.upserts, &cgroup_endpoints.upserts);
+        self.dns.carry(&renumbered, &numbers_before)?;
         for (key, value) in &endpoints.upserts {
             self.endpoints
                 .insert(key, value, 0)
@@ -669,6 +673,9 @@ impl Datapath {
             stats.removed += 1;
         }
         stats.removed += self.dns.remove(&dns_names, &mut self.held.dns_names)?;
+        let numbers_after = endpoint_numbers(&self.held);
+        self.dns
+            .forget(&numbers_before.difference(&numbers_after).copied().collect())?;
         for key in &identities.removals {
             remove_ignoring_absent(self.identities.remove(key))
                 .map_err(map_err(names::IDENTITY))?;
@@ -955,6 +962,33 @@ fn classifier(ebpf: &mut Ebpf, tc: TcProgram) -> Result<&mut SchedClassifier, Da
             name: tc.name,
             source,
         })
+}
+
+/// The endpoint numbers `held` uses (interfaces and cgroups).
+fn endpoint_numbers(held: &KernelImage) -> std::collections::BTreeSet<u32> {
+    held.endpoints
+        .values()
+        .chain(held.cgroup_endpoints.values())
+        .map(|endpoint| endpoint.id)
+        .collect()
+}
+
+/// Old number -> new number of the endpoints whose entry `upserts` renumber.
+fn renumbered(
+    held: &KernelImage,
+    upserts: &[(u32, Endpoint)],
+    cgroup_upserts: &[(u64, Endpoint)],
+) -> BTreeMap<u32, u32> {
+    let interface_moves = upserts
+        .iter()
+        .filter_map(|(key, new)| Some((held.endpoints.get(key)?.id, new.id)));
+    let cgroup_moves = cgroup_upserts
+        .iter()
+        .filter_map(|(key, new)| Some((held.cgroup_endpoints.get(key)?.id, new.id)));
+    interface_moves
+        .chain(cgroup_moves)
+        .filter(|(old, new)| old != new)
+        .collect()
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

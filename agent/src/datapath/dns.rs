@@ -2,7 +2,11 @@
 //! the lifetimes it sets, and what the kernel learnt from DNS answers (read for
 //! `status` and metrics).
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
 
 use aya::{
     Ebpf,
@@ -12,16 +16,22 @@ use egret_common::{
     dns::{
         DNS_STAT_DROPPED, DNS_STAT_EVICTED, DNS_STAT_EXPIRED, DNS_STAT_INVALID, DNS_STAT_LEARNT,
         DNS_STAT_REFRESHED, DNS_STAT_RESPONSES, DnsSettings, Learnt, LearntKey, NameEntry, NameKey,
+        SlotKey,
     },
     maps::names,
 };
 
 use super::{DatapathError, image::Diff, remove_ignoring_absent, take_map};
 
-/// The patterns table and the lifetimes, as the agent writes them.
+/// The patterns table and the lifetimes, as the agent writes them; and what the kernel
+/// learnt, which the agent moves or forgets when endpoint numbers change.
 pub struct DnsMaps {
     names: HashMap<MapData, NameKey, NameEntry>,
     settings: Array<MapData, DnsSettings>,
+    learnt: HashMap<MapData, LearntKey, Learnt>,
+    /// An LRU in the kernel; aya reads both kinds of hash map alike.
+    slots: HashMap<MapData, SlotKey, [u8; 16]>,
+    cursors: HashMap<MapData, NameKey, u32>,
 }
 
 impl DnsMaps {
@@ -34,6 +44,9 @@ impl DnsMaps {
         let mut maps = Self {
             names: take_map(ebpf, names::DNS_NAMES)?,
             settings: take_map(ebpf, names::DNS_SETTINGS)?,
+            learnt: take_map(ebpf, names::DNS_LEARNT)?,
+            slots: take_map(ebpf, names::DNS_SLOTS)?,
+            cursors: take_map(ebpf, names::DNS_CURSOR)?,
         };
         maps.set_settings(DnsSettings::DEFAULT)?;
         Ok(maps)
@@ -95,6 +108,120 @@ impl DnsMaps {
             .set(0, settings, 0)
             .map_err(map_err(names::DNS_SETTINGS))
     }
+}
+
+impl DnsMaps {
+    /// Endpoints that change number (`(old, new)`: an agent restarted and numbered the
+    /// pods afresh) keep what the kernel learnt for them: their learnt addresses, rings
+    /// and cursors are copied to the new number before the endpoint entry switches to
+    /// it, so no answer is lost and no connection sees a gap. Entries already under a
+    /// new number that no endpoint holds yet (`held` are the numbers in use) are stale
+    /// and go first. Returns the entries copied.
+    ///
+    /// # Errors
+    /// The first read or write the kernel refuses.
+    pub fn carry(
+        &mut self,
+        moves: &BTreeMap<u32, u32>,
+        held: &BTreeSet<u32>,
+    ) -> Result<usize, DatapathError> {
+        if moves.is_empty() {
+            return Ok(0);
+        }
+        let fresh: BTreeSet<u32> = moves
+            .values()
+            .copied()
+            .filter(|id| !held.contains(id))
+            .collect();
+        self.forget(&fresh)?;
+        let learnt = entries(&self.learnt, names::DNS_LEARNT, |key| {
+            moves.get(&key.endpoint).map(|new| LearntKey {
+                endpoint: *new,
+                ..*key
+            })
+        })?;
+        let slots = entries(&self.slots, names::DNS_SLOTS, |key| {
+            moves.get(&key.endpoint).map(|new| SlotKey {
+                endpoint: *new,
+                ..*key
+            })
+        })?;
+        let cursors = entries(&self.cursors, names::DNS_CURSOR, |key| {
+            moves.get(&key.owner).map(|new| NameKey {
+                owner: *new,
+                ..*key
+            })
+        })?;
+        // Rings and cursors before the addresses they account for.
+        for (key, value) in &slots {
+            self.slots
+                .insert(key, value, 0)
+                .map_err(map_err(names::DNS_SLOTS))?;
+        }
+        for (key, value) in &cursors {
+            self.cursors
+                .insert(key, value, 0)
+                .map_err(map_err(names::DNS_CURSOR))?;
+        }
+        for (key, value) in &learnt {
+            self.learnt
+                .insert(key, value, 0)
+                .map_err(map_err(names::DNS_LEARNT))?;
+        }
+        Ok(learnt.len())
+    }
+
+    /// Forgets what the kernel learnt for endpoint numbers no endpoint holds any more,
+    /// so a pod given a freed number later never inherits another pod's answers.
+    /// Returns the learnt addresses removed.
+    ///
+    /// # Errors
+    /// The first read or removal the kernel refuses.
+    pub fn forget(&mut self, gone: &BTreeSet<u32>) -> Result<usize, DatapathError> {
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let learnt = entries(&self.learnt, names::DNS_LEARNT, |key| {
+            gone.contains(&key.endpoint).then_some(*key)
+        })?;
+        for (key, _) in &learnt {
+            remove_ignoring_absent(self.learnt.remove(key)).map_err(map_err(names::DNS_LEARNT))?;
+        }
+        let slots = entries(&self.slots, names::DNS_SLOTS, |key| {
+            gone.contains(&key.endpoint).then_some(*key)
+        })?;
+        for (key, _) in &slots {
+            remove_ignoring_absent(self.slots.remove(key)).map_err(map_err(names::DNS_SLOTS))?;
+        }
+        let cursors = entries(&self.cursors, names::DNS_CURSOR, |key| {
+            gone.contains(&key.owner).then_some(*key)
+        })?;
+        for (key, _) in &cursors {
+            remove_ignoring_absent(self.cursors.remove(key)).map_err(map_err(names::DNS_CURSOR))?;
+        }
+        Ok(learnt.len())
+    }
+}
+
+/// The entries of `map` that `pick` keeps, under the key it gives them.
+fn entries<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    pick: impl Fn(&K) -> Option<K>,
+) -> Result<Vec<(K, V)>, DatapathError> {
+    let mut out = Vec::new();
+    for item in map {
+        let (key, value) = match item {
+            Ok(entry) => entry,
+            // An entry the kernel removed while we walked.
+            Err(MapError::KeyNotFound) => continue,
+            Err(source) => return Err(DatapathError::Map { map: name, source }),
+        };
+        if let Some(key) = pick(&key) {
+            out.push((key, value));
+        }
+    }
+    Ok(out)
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {

@@ -57,7 +57,9 @@ enum Command {
         #[arg(long)]
         manifests: PathBuf,
         /// JSON lines, one query each: {"from": "ns/pod", "to": "ns/pod" | "IP",
-        /// "port": 80, "protocol": "TCP"|"UDP"|"SCTP"|"ICMP"}. `-` reads stdin.
+        /// "port": 80, "protocol": "TCP"|"UDP"|"SCTP"|"ICMP"}, and optionally
+        /// "resolved": "api.example.com", the name the pod resolved to that IP (for
+        /// domainNames rules). `-` reads stdin.
         #[arg(long)]
         queries: PathBuf,
     },

@@ -23,6 +23,9 @@ struct Query {
     #[serde(default)]
     port: Option<u32>,
     protocol: String,
+    /// The name the pod resolved to `to` (DNS context for `domainNames` rules).
+    #[serde(default)]
+    resolved: Option<String>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -65,6 +68,8 @@ pub struct Answer {
     pub policies: BTreeSet<PolicyRef>,
     /// The `ClusterNetworkPolicy` rule that decided, if one did.
     pub rule: Option<TierRuleRef>,
+    /// The `domainNames` entry the resolved name matched (`*.example.com`), if any.
+    pub domain: Option<String>,
 }
 
 impl<'a> Simulator<'a> {
@@ -100,6 +105,9 @@ impl<'a> Simulator<'a> {
                 if let Some(rule) = &answer.rule {
                     output.insert("tier".into(), rule.tier.name().to_lowercase().into());
                     output.insert("rule".into(), rule.to_string().into());
+                }
+                if let Some(domain) = &answer.domain {
+                    output.insert("domain".into(), domain.clone().into());
                 }
                 let policies = answer
                     .policies
@@ -141,7 +149,13 @@ impl<'a> Simulator<'a> {
         let source = ObjectKey::parse(&query.from)
             .ok_or_else(|| QueryError::BadSource(query.from.clone()))?;
         let destination = self.destination(&query.to)?;
-        self.answer(&source, destination, protocol, port)
+        self.answer_resolved(
+            &source,
+            destination,
+            protocol,
+            port,
+            query.resolved.as_deref(),
+        )
     }
 
     fn destination(&self, to: &str) -> Result<IpAddr, QueryError> {
@@ -171,6 +185,22 @@ impl<'a> Simulator<'a> {
         protocol: Option<Protocol>,
         port: u16,
     ) -> Result<Answer, QueryError> {
+        self.answer_resolved(source, destination, protocol, port, None)
+    }
+
+    /// Like [`Simulator::answer`], for a pod that resolved `resolved` to `destination`:
+    /// answered as the kernel would once it learnt that DNS answer.
+    ///
+    /// # Errors
+    /// When the source pod is unknown or has no address.
+    pub fn answer_resolved(
+        &self,
+        source: &ObjectKey,
+        destination: IpAddr,
+        protocol: Option<Protocol>,
+        port: u16,
+        resolved: Option<&str>,
+    ) -> Result<Answer, QueryError> {
         let pod = self
             .snapshot
             .pods
@@ -186,6 +216,7 @@ impl<'a> Simulator<'a> {
                 reason: "not_isolated",
                 policies: BTreeSet::new(),
                 rule: None,
+                domain: None,
             });
         };
         let protocol_number = match (protocol, destination) {
@@ -193,12 +224,13 @@ impl<'a> Simulator<'a> {
             (None, IpAddr::V4(_)) => proto::ICMP,
             (None, IpAddr::V6(_)) => proto::ICMPV6,
         };
-        let decision = lookup::decide(
+        let decision = lookup::decide_resolved(
             &self.compiled.tables,
             endpoint,
             destination,
             protocol_number,
             port,
+            resolved.map(lookup::Resolved::Name),
         );
         let policies = match (decision.verdict, &decision.decided_by) {
             // A ClusterNetworkPolicy rule decided: it is named in `rule`.
@@ -211,6 +243,7 @@ impl<'a> Simulator<'a> {
             reason: decision.reason.name(),
             policies,
             rule: decision.decided_by,
+            domain: decision.domain.map(|entry| entry.name.to_string()),
         })
     }
 }

@@ -1,18 +1,22 @@
 //! The kernel's lookup, done in userspace on the compiled tables: the same identity
 //! lookup, CIDR longest match and policy longest match, and the same verdict function
 //! (`egret_common::policy_decision`). `egret simulate` and `explain` answer with it, so
-//! their answers are the tables' answers.
+//! their answers are the tables' answers. For a pod with `domainNames` rules, what DNS
+//! told it about the destination ([`Resolved`]) joins the lookup as the kernel's learnt
+//! address does: the most specific of the table's patterns the name matches (the exact
+//! name, else the longest `*.` suffix), by the kernel's own keys.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
 use egret_common::{
     Reason, Verdict,
-    maps::{ENDPOINT_FLAGS_FILTERED, tier_rule_parts},
+    dns::{exact_key, name_hash, wildcard_key},
+    maps::{ENDPOINT_FLAG_DOMAINS, ENDPOINT_FLAGS_FILTERED, tier_rule_parts},
     proto,
 };
 use ipnet::IpNet;
 
-use super::{Allowance, EndpointEntry, PolicyEntryKey, PortPrefix, Tables};
+use super::{Allowance, EndpointEntry, PolicyEntryKey, PortPrefix, Tables, domains::DomainEntry};
 use crate::policy::{PolicyRef, RuleRef, cluster::TierRuleRef};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +31,19 @@ pub struct Decision {
     /// The `ClusterNetworkPolicy` rules evaluated before the decision, in order: none
     /// of them matched, or (a Pass) it matched and skipped the rest of its tier.
     pub passed_over: Vec<TierRuleRef>,
+    /// The `domainNames` pattern whose entries joined the lookup: the one the resolved
+    /// name matched (whether or not its rules cover this port).
+    pub domain: Option<DomainEntry>,
+}
+
+/// What DNS told the pod about a destination address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved<'a> {
+    /// The pod resolved this name to the address (`simulate`).
+    Name(&'a str),
+    /// The kernel learnt the address for the pod under this pattern key, and it still
+    /// admits new connections (`explain`).
+    Pattern(u64),
 }
 
 impl Decision {
@@ -41,7 +58,7 @@ impl Decision {
 }
 
 /// The verdict for a packet `endpoint` sends to `dst` (`protocol` number, destination
-/// `port`; 0 for protocols without ports).
+/// `port`; 0 for protocols without ports), with no DNS answer for `dst`.
 #[must_use]
 pub fn decide(
     tables: &Tables,
@@ -50,6 +67,19 @@ pub fn decide(
     protocol: u8,
     port: u16,
 ) -> Decision {
+    decide_resolved(tables, endpoint, dst, protocol, port, None)
+}
+
+/// Like [`decide`], for a pod that DNS told `resolved` about `dst`.
+#[must_use]
+pub fn decide_resolved(
+    tables: &Tables,
+    endpoint: &EndpointEntry,
+    dst: IpAddr,
+    protocol: u8,
+    port: u16,
+    resolved: Option<Resolved<'_>>,
+) -> Decision {
     if endpoint.flags & ENDPOINT_FLAGS_FILTERED == 0 {
         return Decision {
             verdict: Verdict::Allow,
@@ -57,6 +87,7 @@ pub fn decide(
             allowed_by: BTreeSet::new(),
             decided_by: None,
             passed_over: Vec::new(),
+            domain: None,
         };
     }
     let mut found = Allowance::default();
@@ -67,6 +98,16 @@ pub fn decide(
     }
     if let Some(class) = cidr_match(tables, endpoint.table, dst)
         && let Some(allowance) = policy_match(tables, endpoint.table, class, protocol, port)
+    {
+        found.merge(allowance);
+    }
+    // The kernel reads learnt addresses only for endpoints with domain rules.
+    let domain = resolved
+        .filter(|_| endpoint.flags & ENDPOINT_FLAG_DOMAINS != 0)
+        .and_then(|resolved| domain_match(tables, endpoint.table, resolved));
+    if let Some(domain) = &domain
+        && let Some(allowance) =
+            policy_match(tables, endpoint.table, domain.identity, protocol, port)
     {
         found.merge(allowance);
     }
@@ -98,6 +139,26 @@ pub fn decide(
             .and_then(|rank| tables.tier_rules.get(rank))
             .cloned(),
         passed_over,
+        domain,
+    }
+}
+
+/// The table's pattern for what DNS said: for a name, the exact name's entry, else
+/// the longest proper suffix's `*.` entry (as the kernel's walker picks it).
+fn domain_match(tables: &Tables, table: u32, resolved: Resolved<'_>) -> Option<DomainEntry> {
+    let entry = |key: u64| tables.domains.get(&(table, key)).cloned();
+    match resolved {
+        Resolved::Pattern(key) => entry(key),
+        Resolved::Name(name) => {
+            let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+            if let Some(found) = name_hash(&name).and_then(|hash| entry(exact_key(hash))) {
+                return Some(found);
+            }
+            name.match_indices('.').find_map(|(dot, _)| {
+                let suffix = &name[dot + 1..];
+                entry(wildcard_key(name_hash(suffix)?))
+            })
+        }
     }
 }
 

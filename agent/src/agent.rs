@@ -31,6 +31,7 @@ use crate::{
     },
     observe::{
         Health, Live, MapLabels, Metrics,
+        dns::DomainLookup,
         flows::{FlowLog, Sink, WINDOW},
         http,
     },
@@ -190,15 +191,8 @@ pub async fn run(
         }
     }
 
-    let live = Arc::new(Live::default());
-    let flow_log = FlowLog::new(
-        config.flow_log.clone(),
-        metrics.endpoint_names.clone(),
-        live.addresses.clone(),
-        live.tier_rules.clone(),
-        metrics.denied_flows.clone(),
-        config.flow_history,
-    );
+    let live = Arc::new(Live::new(config.pin_dir.clone()));
+    let flow_log = flow_log(&config, &metrics, &live);
     if let Some(addr) = config.admin_addr {
         let admin = http::Admin {
             live: Arc::clone(&live),
@@ -301,6 +295,20 @@ async fn start_sources(
         }
     });
     Ok(pending_sources)
+}
+
+/// The flow log, naming pods, addresses, tier rules and the DNS answers behind them.
+fn flow_log(config: &Config, metrics: &Metrics, live: &Arc<Live>) -> FlowLog {
+    let mut flow_log = FlowLog::new(
+        config.flow_log.clone(),
+        metrics.endpoint_names.clone(),
+        live.addresses.clone(),
+        live.tier_rules.clone(),
+        metrics.denied_flows.clone(),
+        config.flow_history,
+    );
+    flow_log.domains = Some(DomainLookup::new(Arc::clone(live)));
+    flow_log
 }
 
 /// Reads flow events as they come and writes the aggregated flow log every window.

@@ -14,7 +14,10 @@ use egret::{
     admin_client,
     agent::{self, AttachMode, Established, GlobalMode, UnknownPod},
     datapath::{self, Capacities, DEFAULT_PIN_DIR},
-    observe::flows::{DEFAULT_FLOW_HISTORY, FlowQuery, FlowRecord, Sink, Timestamp},
+    observe::{
+        dns::{DomainNote, DomainState, LearntName},
+        flows::{DEFAULT_FLOW_HISTORY, FlowQuery, FlowRecord, Sink, Timestamp},
+    },
     simulate::Simulator,
     source::manifest,
 };
@@ -579,6 +582,7 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
     }
     endpoints.print(&mut stdout)?;
     writeln!(stdout)?;
+    print_learnt(&mut stdout, &status)?;
     let mut maps = Table::new(&[
         ("MAP", Align::Left),
         ("ENTRIES", Align::Right),
@@ -598,6 +602,47 @@ fn status(addr: std::net::SocketAddr, output: Output) -> anyhow::Result<()> {
         ]);
     }
     maps.print(&mut stdout)?;
+    Ok(())
+}
+
+/// The names and addresses each pod learnt from DNS answers (pods with `domainNames`
+/// rules), for `status`; nothing when none did.
+fn print_learnt(out: &mut impl std::io::Write, status: &serde_json::Value) -> anyhow::Result<()> {
+    let mut learnt = Table::new(&[
+        ("ENDPOINT", Align::Left),
+        ("NAME", Align::Left),
+        ("ADDRESS", Align::Left),
+        ("TTL", Align::Right),
+        ("ADMITS NEW CONNECTIONS", Align::Left),
+    ]);
+    let mut any = false;
+    for endpoint in status["endpoints"].as_array().into_iter().flatten() {
+        let names: Vec<LearntName> =
+            serde_json::from_value(endpoint["learnt"].clone()).unwrap_or_default();
+        for name in names {
+            any = true;
+            let left = if name.expires_in_s >= 0.0 {
+                format!("for {:.0} s", name.expires_in_s.ceil())
+            } else {
+                format!("no (expired {:.0} s ago)", (-name.expires_in_s).floor())
+            };
+            learnt.row(vec![
+                format!(
+                    "{}/{}",
+                    endpoint["namespace"].as_str().unwrap_or(""),
+                    endpoint["pod"].as_str().unwrap_or("")
+                ),
+                name.name,
+                name.address.to_string(),
+                name.ttl.to_string(),
+                left,
+            ]);
+        }
+    }
+    if any {
+        learnt.print(out)?;
+        writeln!(out)?;
+    }
     Ok(())
 }
 
@@ -651,6 +696,12 @@ fn print_explain(answer: &serde_json::Value, output: Output) -> std::io::Result<
         answer["reason"].as_str().unwrap_or("")
     )?;
     let mut details = Vec::new();
+    if let Ok(note) = serde_json::from_value::<DomainNote>(answer["domain"].clone()) {
+        details.push((
+            "domain",
+            domain_detail(&note, &answer["domain_expires_in_s"]),
+        ));
+    }
     let passed_over = list(&answer["passed_over_rules"]);
     if !passed_over.is_empty() {
         details.push(("passed over", passed_over));
@@ -673,6 +724,24 @@ fn print_explain(answer: &serde_json::Value, output: Output) -> std::io::Result<
         }
     }
     table::print_details(&mut stdout, &details)
+}
+
+/// What `explain` says of the DNS answers behind an address.
+fn domain_detail(note: &DomainNote, expires_in_s: &serde_json::Value) -> String {
+    let name = note.name.as_deref().unwrap_or("?");
+    match note.state {
+        DomainState::Learnt => format!(
+            "{name} answered this address (admits new connections for {:.0} s)",
+            expires_in_s.as_f64().unwrap_or(0.0).ceil()
+        ),
+        DomainState::Expired => format!(
+            "{name} answered this address, but its TTL and grace have passed: new \
+             connections are judged without it until it is resolved again (open ones continue)"
+        ),
+        DomainState::NotResolved => {
+            "no DNS answer for the pod's domainNames gave it this address".to_owned()
+        }
+    }
 }
 
 /// `egret flows`: the agent answers with the flows `query` asks for, one JSON line each.
@@ -755,11 +824,18 @@ fn flow_row(flow: &FlowRecord) -> Vec<String> {
         || flow.destination.ip.to_string(),
         |port| std::net::SocketAddr::new(flow.destination.ip, port).to_string(),
     );
-    let decided_by = match (&flow.rule, flow.policies.is_empty()) {
+    let mut decided_by = match (&flow.rule, flow.policies.is_empty()) {
         (Some(rule), _) => rule.clone(),
         (None, false) => flow.policies.join(","),
         (None, true) => "-".to_owned(),
     };
+    if let Some(domain) = &flow.domain {
+        match (&domain.name, domain.state) {
+            (Some(name), DomainState::Learnt) => decided_by.push_str(&format!(" via {name}")),
+            (Some(name), _) => decided_by.push_str(&format!(" ({name} {})", domain.state.name())),
+            (None, state) => decided_by.push_str(&format!(" ({})", state.name())),
+        }
+    }
     vec![
         flow.time.to_string(),
         flow.verdict.clone(),

@@ -1,6 +1,7 @@
 //! What the agent tells the outside world: Prometheus metrics (one registry under the
 //! `egret_` prefix), readiness and liveness, served over HTTP by [`http`].
 
+pub mod dns;
 pub mod flows;
 pub mod http;
 mod kernel;
@@ -172,6 +173,7 @@ impl Metrics {
             pin_dir.clone(),
             metrics.endpoint_names.clone(),
         )));
+        registry.register_collector(Box::new(dns::DnsCounters::new(&pin_dir)));
         registry.register_collector(Box::new(kernel::ConntrackTables::new(pin_dir)));
         Self {
             registry,
@@ -362,4 +364,16 @@ pub struct Live {
     pub tables: RwLock<Option<Arc<LiveTables>>>,
     pub addresses: flows::AddressBook,
     pub tier_rules: flows::TierRules,
+    /// Where the kernel's maps are pinned (what it learnt from DNS is read there).
+    pub pin_dir: PathBuf,
+}
+
+impl Live {
+    #[must_use]
+    pub fn new(pin_dir: PathBuf) -> Self {
+        Self {
+            pin_dir,
+            ..Self::default()
+        }
+    }
 }

@@ -241,30 +241,91 @@ pub struct LearntAddress {
     pub expires_ns: u64,
 }
 
-/// Every learnt address, from the pinned map (works while an agent runs).
-///
-/// # Errors
-/// When the map is not pinned or cannot be read.
-pub fn read_learnt(pin_dir: &Path) -> Result<Vec<LearntAddress>, DatapathError> {
-    let data =
-        MapData::from_pin(pin_dir.join(names::DNS_LEARNT)).map_err(map_err(names::DNS_LEARNT))?;
-    let map: HashMap<MapData, LearntKey, Learnt> =
-        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(names::DNS_LEARNT))?;
-    let mut out = Vec::new();
-    for item in &map {
-        let (key, value) = item.map_err(map_err(names::DNS_LEARNT))?;
+impl LearntAddress {
+    fn new(key: &LearntKey, value: &Learnt) -> Self {
         let v6 = std::net::Ipv6Addr::from(key.addr);
         let address = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-        out.push(LearntAddress {
+        Self {
             endpoint: key.endpoint,
             address,
             pattern: value.pattern,
             ttl: value.ttl,
             expires_ns: value.expires_ns,
-        });
+        }
     }
-    out.sort_by_key(|a| (a.endpoint, a.address));
-    Ok(out)
+
+    /// Seconds the address still admits new connections at `now_ns` (the kernel's
+    /// clock); negative once it expired.
+    #[must_use]
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "nanosecond differences far below 2^52"
+    )]
+    pub fn seconds_left(&self, now_ns: u64) -> f64 {
+        (self.expires_ns as f64 - now_ns as f64) / 1e9
+    }
+}
+
+/// The pinned table of learnt addresses, opened once (works while an agent runs).
+pub struct LearntReader {
+    map: HashMap<MapData, LearntKey, Learnt>,
+}
+
+impl LearntReader {
+    /// # Errors
+    /// When the map is not pinned.
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let data = MapData::from_pin(pin_dir.join(names::DNS_LEARNT))
+            .map_err(map_err(names::DNS_LEARNT))?;
+        let map =
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(names::DNS_LEARNT))?;
+        Ok(Self { map })
+    }
+
+    /// What the kernel learnt about `address` for `endpoint`, if anything.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn get(
+        &self,
+        endpoint: u32,
+        address: IpAddr,
+    ) -> Result<Option<LearntAddress>, DatapathError> {
+        let addr = match address {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let key = LearntKey { endpoint, addr };
+        match self.map.get(&key, 0) {
+            Ok(value) => Ok(Some(LearntAddress::new(&key, &value))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map {
+                map: names::DNS_LEARNT,
+                source,
+            }),
+        }
+    }
+
+    /// Every learnt address, by endpoint and address.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn all(&self) -> Result<Vec<LearntAddress>, DatapathError> {
+        let mut out: Vec<LearntAddress> = entries(&self.map, names::DNS_LEARNT, |key| Some(*key))?
+            .iter()
+            .map(|(key, value)| LearntAddress::new(key, value))
+            .collect();
+        out.sort_by_key(|a| (a.endpoint, a.address));
+        Ok(out)
+    }
+}
+
+/// Every learnt address, from the pinned map (works while an agent runs).
+///
+/// # Errors
+/// When the map is not pinned or cannot be read.
+pub fn read_learnt(pin_dir: &Path) -> Result<Vec<LearntAddress>, DatapathError> {
+    LearntReader::open(pin_dir)?.all()
 }
 
 /// What the kernel did with DNS answers, summed over CPUs.

@@ -26,7 +26,11 @@ use serde::{Deserialize, Serialize};
 
 pub use self::history::{DEFAULT_FLOW_HISTORY, FlowHistory, FlowQuery, Timestamp};
 
-use super::{EndpointNames, kernel::verdict_name};
+use super::{
+    EndpointNames,
+    dns::{DomainLookup, DomainNote},
+    kernel::verdict_name,
+};
 use crate::{policy::cluster::TierRuleRef, state::ObjectKey};
 
 /// Every `ClusterNetworkPolicy` rule by rank, refreshed by the reconcile loop, so a flow
@@ -92,6 +96,11 @@ pub struct FlowRecord {
     pub policies: Vec<String>,
     /// Packets of this flow in the window.
     pub count: u64,
+    /// For a pod with `domainNames` rules: the name whose DNS answer gave it the
+    /// destination, and whether that still admits new connections, as the kernel holds
+    /// it when the record is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<DomainNote>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,6 +134,8 @@ pub struct FlowLog {
     pub denied_flows: Family<DeniedFlowLabels, Counter>,
     /// The last records, and every new one, for the admin API.
     pub history: FlowHistory,
+    /// Where notes on learnt DNS answers come from; `None`: no notes.
+    pub domains: Option<DomainLookup>,
     pending: BTreeMap<FlowKey, u64>,
     /// Label sets of `denied_flows` created so far.
     series: std::collections::HashSet<DeniedFlowLabels>,
@@ -147,6 +158,7 @@ impl FlowLog {
             tier_rules,
             denied_flows,
             history: FlowHistory::new(history),
+            domains: None,
             pending: BTreeMap::new(),
             series: std::collections::HashSet::new(),
             sink,
@@ -186,6 +198,7 @@ impl FlowLog {
                 .tier_rules
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let domains = self.domains.as_ref().and_then(DomainLookup::now);
             std::mem::take(&mut self.pending)
                 .into_iter()
                 .map(
@@ -233,6 +246,9 @@ impl FlowLog {
                                 })
                                 .unwrap_or_default(),
                             count,
+                            domain: domains
+                                .as_ref()
+                                .and_then(|domains| domains.note(endpoint, destination_ip)),
                         }
                     },
                 )

@@ -122,6 +122,16 @@ async fn status(State(admin): State<Admin>) -> axum::response::Response {
             "stale_sources": admin.health.stale_sources(),
         }));
     };
+    // Absent maps (no agent has pinned them yet) list nothing learnt.
+    let learnt = crate::datapath::dns::LearntReader::open(&admin.live.pin_dir)
+        .and_then(|reader| {
+            super::dns::learnt_names(
+                &reader,
+                &live.tables,
+                crate::datapath::monotonic_coarse_ns(),
+            )
+        })
+        .unwrap_or_default();
     let endpoints: Vec<serde_json::Value> = live
         .tables
         .endpoints
@@ -129,6 +139,7 @@ async fn status(State(admin): State<Admin>) -> axum::response::Response {
         .map(|(pod, entry)| {
             let attachment = live.attachments.get(pod);
             serde_json::json!({
+                "learnt": learnt.get(pod).cloned().unwrap_or_default(),
                 "namespace": pod.namespace,
                 "pod": pod.name,
                 "ips": live.pod_ips.get(pod).cloned().unwrap_or_default(),
@@ -209,8 +220,28 @@ async fn explain(
             }
         },
     };
-    let decision =
-        crate::compile::lookup::decide(&live.tables, endpoint, query.to, protocol, query.port);
+    // What the kernel learnt from DNS about the address, joined as the kernel joins it.
+    let domain = crate::datapath::dns::LearntReader::open(&admin.live.pin_dir)
+        .ok()
+        .and_then(|reader| {
+            let now = crate::datapath::monotonic_coarse_ns();
+            super::dns::note(&reader, &live.tables, endpoint, query.to, now)
+                .ok()
+                .flatten()
+                .map(|(note, learnt)| (note, learnt.map(|l| (l.pattern, l.seconds_left(now)))))
+        });
+    let resolved = domain
+        .as_ref()
+        .and_then(|(_, learnt)| *learnt)
+        .map(|(pattern, _)| crate::compile::lookup::Resolved::Pattern(pattern));
+    let decision = crate::compile::lookup::decide_resolved(
+        &live.tables,
+        endpoint,
+        query.to,
+        protocol,
+        query.port,
+        resolved,
+    );
     let owner = admin
         .live
         .addresses
@@ -233,6 +264,8 @@ async fn explain(
         "decided_by_rule": decision.decided_by.as_ref().map(|rule| format!(
             "ClusterNetworkPolicy {rule} ({}, {:?})", rule.tier.name(), rule.action
         )),
+        "domain": domain.as_ref().map(|(note, _)| note),
+        "domain_expires_in_s": domain.as_ref().and_then(|(_, learnt)| learnt.map(|(_, left)| left)),
         "passed_over_rules": decision.passed_over.iter().map(|rule| format!(
             "ClusterNetworkPolicy {rule} ({}, {:?})", rule.tier.name(), rule.action
         )).collect::<Vec<_>>(),

@@ -210,6 +210,7 @@ mod tests {
             destination: end(None),
             policies: Vec::new(),
             count: 1,
+            domain: None,
         }
     }
 

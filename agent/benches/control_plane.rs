@@ -1,6 +1,7 @@
 //! How long one change takes to reach the kernel, through the library: the changed
-//! object goes into the snapshot, then `compile` (of the whole snapshot, as the agent's
-//! reconcile does), `KernelImage::build` and `Datapath::apply` (diff and map writes).
+//! object goes into the snapshot, then the incremental compiler (given what changed, as
+//! the agent's reconcile does), `KernelImage::build` and `Datapath::apply` (diff and map
+//! writes). The full compile of the same snapshot is timed beside it.
 //! Watch delivery and the agent's debounce are not included. Generated cluster of 10k
 //! pods and 1k policies (see `egret_testbed::cluster`), 100 of them local. Needs root
 //! and bpffs. Run with `cargo xtask bench` (or `cargo bench -p egret --bench
@@ -14,9 +15,9 @@ use std::{
 };
 
 use egret::{
-    compile::{Ids, Scope, compile},
+    compile::{Ids, Scope, compile, incremental::Compiler},
     datapath::{Capacities, Datapath, image::KernelImage},
-    state::{ObjectKey, Pod, Snapshot},
+    state::{Changes, ObjectKey, Pod, Snapshot},
 };
 use egret_testbed::{agent::AgentProcess, cluster::GeneratedCluster};
 use serde_json::json;
@@ -31,8 +32,18 @@ fn main() {
         egret_testbed::is_root(),
         "the control-plane benchmark loads BPF programs: run it as root"
     );
-    let samples = if support::is_quick() { 30 } else { 100 };
-    let cluster = GeneratedCluster::new(10_000, 1_000);
+    let sizes: &[(usize, usize, usize)] = if support::is_quick() {
+        &[(10_000, 1_000, 30)]
+    } else {
+        &[(10_000, 1_000, 100), (100_000, 10_000, 30)]
+    };
+    for &(pods, policies, samples) in sizes {
+        measure(&GeneratedCluster::new(pods, policies), samples);
+    }
+}
+
+/// Changes to one generated cluster, `samples` of each kind.
+fn measure(cluster: &GeneratedCluster, samples: usize) {
     let snapshot = support::snapshot(&cluster);
     let interfaces: BTreeMap<ObjectKey, u32> = cluster
         .local_indexes()
@@ -48,11 +59,11 @@ fn main() {
         snapshot,
         scope: Scope::Node(cluster.node.clone()),
         interfaces,
-        ids: Ids::default(),
+        compiler: Compiler::new(Scope::Node(cluster.node.clone()), Ids::default()),
         datapath,
     };
 
-    let initial = pipeline.reconcile();
+    let initial = pipeline.reconcile(&Changes::everything());
     support::emit(
         json!({
             "bench": "initial_sync",
@@ -85,14 +96,17 @@ fn main() {
     let mut pod_join = Vec::new();
     let mut pod_leave = Vec::new();
     for i in 0..samples {
-        pipeline
-            .snapshot
-            .insert_policy(edits[i % edits.len()].clone());
-        policy_edit.push(pipeline.reconcile());
+        let edit = edits[i % edits.len()].clone();
+        let mut changes = Changes::default();
+        changes.policies.insert(edit.id.clone());
+        pipeline.snapshot.insert_policy(edit);
+        policy_edit.push(pipeline.reconcile(&changes));
+        let mut changes = Changes::default();
+        changes.pods.insert(joining.key());
         pipeline.snapshot.insert_pod(joining.clone());
-        pod_join.push(pipeline.reconcile());
+        pod_join.push(pipeline.reconcile(&changes));
         pipeline.snapshot.pods.remove(&joining.key());
-        pod_leave.push(pipeline.reconcile());
+        pod_leave.push(pipeline.reconcile(&changes));
     }
     for (change, timings) in [
         ("policy_edit", policy_edit),
@@ -111,6 +125,7 @@ fn main() {
             "p50_ms": total.percentile(0.5),
             "p99_ms": total.percentile(0.99),
             "compile_median_ms": stage(|t| t.compile),
+            "full_compile_median_ms": stage(|t| t.full_compile),
             "build_median_ms": stage(|t| t.build),
             "apply_median_ms": stage(|t| t.apply),
             "entries_median": Summary::of(timings.iter().map(|t| as_f64(t.entries)).collect()).median(),
@@ -129,12 +144,14 @@ struct Pipeline {
     snapshot: Snapshot,
     scope: Scope,
     interfaces: BTreeMap<ObjectKey, u32>,
-    ids: Ids,
+    compiler: Compiler,
     datapath: Datapath,
 }
 
 struct Timing {
     compile: Duration,
+    /// The full compile of the same snapshot, for comparison (not in the total).
+    full_compile: Duration,
     build: Duration,
     apply: Duration,
     /// Entries written and removed.
@@ -148,19 +165,28 @@ impl Timing {
 }
 
 impl Pipeline {
-    fn reconcile(&mut self) -> Timing {
+    fn reconcile(&mut self, changes: &Changes) -> Timing {
+        let previous = self.compiler.compiled().ids.clone();
         let started = Instant::now();
-        let compiled = compile(&self.snapshot, &self.scope, &self.ids);
-        let compile = started.elapsed();
+        let compiled = self.compiler.compile(&self.snapshot, changes);
+        let incremental = started.elapsed();
+        let started = Instant::now();
+        let full = compile(&self.snapshot, &self.scope, &previous);
+        let full_compile = started.elapsed();
+        // A figure for wrong tables would mean nothing.
+        assert!(
+            *compiled == full,
+            "the incremental compile differs from the full one"
+        );
         let started = Instant::now();
         let image = KernelImage::build(&compiled.tables, &self.interfaces, &BTreeMap::new());
         let build = started.elapsed();
         let started = Instant::now();
         let stats = self.datapath.apply(&image).expect("tables fit");
         let apply = started.elapsed();
-        self.ids = compiled.ids;
         Timing {
-            compile,
+            compile: incremental,
+            full_compile,
             build,
             apply,
             entries: stats.written + stats.removed,

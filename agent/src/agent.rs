@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use self::{apply::Writer, reconciler::Reconciler, record::Recorder};
 use crate::{
-    compile::{Allocator, Ids},
+    compile::{Allocator, Ids, Scope, incremental::Compiler},
     datapath::{
         Capacities, Datapath, DatapathError,
         image::{KernelImage, Room},
@@ -36,7 +36,7 @@ use crate::{
         http,
     },
     source::{self, Update},
-    state::Snapshot,
+    state::{Changes, Snapshot},
 };
 
 mod apply;
@@ -224,9 +224,12 @@ pub async fn run(
         AttachMode::Cgroup => Discovery::cgroups(config.cgroup_root.clone()),
     };
     let mut reconciler = Reconciler {
-        node: config.node_name.clone(),
         snapshot: Snapshot::default(),
-        ids: ids_avoiding(datapath.held()),
+        compiler: Compiler::new(
+            Scope::Node(config.node_name.clone()),
+            ids_avoiding(datapath.held()),
+        ),
+        changes: Changes::default(),
         problems: Vec::new(),
         pending_sources,
         batch: Vec::new(),

@@ -273,7 +273,7 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
     for (layout, table) in layouts.iter().zip(&table_numbers) {
         layout.write(&mut compiled.tables, &compiled.ids.classes, *table);
     }
-    domains::add(&mut compiled, previous, &ranked);
+    domains::add(&mut compiled, &previous.domains, &ranked);
     compiled.tables.tier_rules = ranked.rules;
     compiled
 }

@@ -8,7 +8,7 @@ pub mod trimmed;
 
 use std::{collections::BTreeMap, time::Instant};
 
-use crate::state::Snapshot;
+use crate::state::{Changes, Snapshot};
 pub use crate::state::{Object, ObjectId};
 
 #[derive(Debug)]
@@ -87,9 +87,9 @@ pub enum Signal {
 }
 
 impl Update {
-    /// Applies the update to `snapshot`.
-    pub fn apply(self, snapshot: &mut Snapshot) -> Signal {
-        let changed = |received| Signal::Changed {
+    /// Applies the update to `snapshot`, noting in `changes` which objects it changed.
+    pub fn apply(self, snapshot: &mut Snapshot, changes: &mut Changes) -> Signal {
+        let signal_changed = |received| Signal::Changed {
             received,
             problems: None,
         };
@@ -104,6 +104,7 @@ impl Update {
                         problems: Some(problems),
                     };
                 }
+                changes.absorb(Changes::between(snapshot, &fresh));
                 *snapshot = *fresh;
                 Signal::Changed {
                     received,
@@ -120,25 +121,31 @@ impl Update {
                 {
                     return Signal::Unchanged { problems: None };
                 }
+                changes.kind(kind, snapshot);
+                for object in &objects {
+                    changes.object(object);
+                }
                 snapshot.replace_kind(kind, objects);
-                changed(received)
+                signal_changed(received)
             }
             Update::Apply { object, received } => {
                 if holds(snapshot, &object) {
                     return Signal::Unchanged { problems: None };
                 }
+                changes.object(&object);
                 snapshot.apply(object);
-                changed(received)
+                signal_changed(received)
             }
             Update::Delete { id, received } => {
                 let before = count_of(snapshot, id.kind);
+                changes.id(&id);
                 snapshot.delete(&id);
                 if before.is_some() && count_of(snapshot, id.kind) == before {
                     return Signal::Unchanged { problems: None };
                 }
-                changed(received)
+                signal_changed(received)
             }
-            Update::Poke { received } => changed(received),
+            Update::Poke { received } => signal_changed(received),
             Update::Synced { source } => Signal::Synced { source },
             Update::WatchRestarted { kind } => Signal::WatchRestarted { kind },
             Update::Failed { source, problem } => Signal::Failed { source, problem },
@@ -205,16 +212,16 @@ mod tests {
             received: now(),
         };
         assert!(matches!(
-            apply(Object::Pod(pod.clone())).apply(&mut snapshot),
+            apply(Object::Pod(pod.clone())).apply(&mut snapshot, &mut Changes::default()),
             Signal::Changed { .. }
         ));
         assert!(matches!(
-            apply(Object::Pod(pod.clone())).apply(&mut snapshot),
+            apply(Object::Pod(pod.clone())).apply(&mut snapshot, &mut Changes::default()),
             Signal::Unchanged { .. }
         ));
         let relabelled = mk_pod("shop", "web", &[("app", "db")], &["10.0.0.1"]);
         assert!(matches!(
-            apply(Object::Pod(relabelled)).apply(&mut snapshot),
+            apply(Object::Pod(relabelled)).apply(&mut snapshot, &mut Changes::default()),
             Signal::Changed { .. }
         ));
         let namespace = crate::state::Namespace {
@@ -222,12 +229,13 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            apply(Object::Namespace(namespace.clone())).apply(&mut snapshot),
+            apply(Object::Namespace(namespace.clone()))
+                .apply(&mut snapshot, &mut Changes::default()),
             Signal::Changed { .. }
         ));
         assert!(
             matches!(
-                apply(Object::Namespace(namespace)).apply(&mut snapshot),
+                apply(Object::Namespace(namespace)).apply(&mut snapshot, &mut Changes::default()),
                 Signal::Unchanged { .. }
             ),
             "the name label the snapshot adds is no change"
@@ -239,7 +247,7 @@ mod tests {
             received: now(),
         };
         assert_eq!(
-            same.apply(&mut snapshot),
+            same.apply(&mut snapshot, &mut Changes::default()),
             Signal::Unchanged {
                 problems: Some(vec!["a problem".into()])
             }
@@ -250,7 +258,7 @@ mod tests {
             received: now(),
         };
         assert!(matches!(
-            relist.apply(&mut snapshot),
+            relist.apply(&mut snapshot, &mut Changes::default()),
             Signal::Unchanged { .. }
         ));
         let shorter = Update::ReplaceKind {
@@ -259,7 +267,7 @@ mod tests {
             received: now(),
         };
         assert!(matches!(
-            shorter.apply(&mut snapshot),
+            shorter.apply(&mut snapshot, &mut Changes::default()),
             Signal::Changed { .. }
         ));
 
@@ -275,14 +283,52 @@ mod tests {
             received: now(),
         };
         assert!(matches!(
-            delete().apply(&mut snapshot),
+            delete().apply(&mut snapshot, &mut Changes::default()),
             Signal::Unchanged { .. }
         ));
-        apply(Object::Policy(policy)).apply(&mut snapshot);
+        apply(Object::Policy(policy)).apply(&mut snapshot, &mut Changes::default());
         assert!(matches!(
-            delete().apply(&mut snapshot),
+            delete().apply(&mut snapshot, &mut Changes::default()),
             Signal::Changed { .. }
         ));
+    }
+
+    #[test]
+    fn updates_note_what_they_changed() {
+        let mut snapshot = Snapshot::default();
+        let web = mk_pod("shop", "web", &[("app", "web")], &["10.0.0.1"]);
+        let mut changes = Changes::default();
+        Update::Apply {
+            object: Object::Pod(web.clone()),
+            received: now(),
+        }
+        .apply(&mut snapshot, &mut changes);
+        assert_eq!(changes.pods, [web.key()].into());
+
+        // A source that replaces everything: only what differs is noted.
+        let mut fresh = snapshot.clone();
+        let db = mk_pod("shop", "db", &[("app", "db")], &["10.0.0.2"]);
+        fresh.insert_pod(db.clone());
+        let mut changes = Changes::default();
+        Update::Replace {
+            snapshot: Box::new(fresh),
+            problems: Vec::new(),
+            received: now(),
+        }
+        .apply(&mut snapshot, &mut changes);
+        assert_eq!(changes.pods, [db.key()].into());
+        assert!(changes.policies.is_empty() && !changes.everything);
+
+        let mut changes = Changes::default();
+        Update::Delete {
+            id: ObjectId {
+                kind: "Pod",
+                key: web.key(),
+            },
+            received: now(),
+        }
+        .apply(&mut snapshot, &mut changes);
+        assert_eq!(changes.pods, [web.key()].into());
     }
 
     fn mk_cluster_policy(name: &str, priority: u32) -> Object {
@@ -303,7 +349,7 @@ mod tests {
                 object,
                 received: now(),
             }
-            .apply(snapshot)
+            .apply(snapshot, &mut Changes::default())
         };
         assert!(matches!(
             apply(mk_cluster_policy("guard", 10), &mut snapshot),
@@ -329,7 +375,8 @@ mod tests {
             received: now(),
         };
         assert!(matches!(
-            relist(vec![mk_cluster_policy("guard", 20)]).apply(&mut snapshot),
+            relist(vec![mk_cluster_policy("guard", 20)])
+                .apply(&mut snapshot, &mut Changes::default()),
             Signal::Unchanged { .. }
         ));
         assert!(matches!(
@@ -337,7 +384,7 @@ mod tests {
                 mk_cluster_policy("guard", 20),
                 mk_cluster_policy("other", 5)
             ])
-            .apply(&mut snapshot),
+            .apply(&mut snapshot, &mut Changes::default()),
             Signal::Changed { .. }
         ));
 
@@ -349,11 +396,11 @@ mod tests {
             received: now(),
         };
         assert!(matches!(
-            delete("other").apply(&mut snapshot),
+            delete("other").apply(&mut snapshot, &mut Changes::default()),
             Signal::Changed { .. }
         ));
         assert!(matches!(
-            delete("other").apply(&mut snapshot),
+            delete("other").apply(&mut snapshot, &mut Changes::default()),
             Signal::Unchanged { .. }
         ));
         assert_eq!(

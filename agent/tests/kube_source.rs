@@ -16,7 +16,7 @@ use common::apiserver::ApiServer;
 use egret::{
     compile::{Ids, Scope, compile, lookup},
     source::{self, Signal, Update},
-    state::{ObjectKey, Snapshot},
+    state::{Changes, ObjectKey, Snapshot},
 };
 use egret_common::{Verdict, proto};
 use serde_json::{Value, json};
@@ -60,7 +60,7 @@ async fn converge(
                 )
             })
             .expect("source running");
-        if let Signal::Synced { .. } = update.apply(snapshot) {
+        if let Signal::Synced { .. } = update.apply(snapshot, &mut Changes::default()) {
             *synced += 1;
         }
     }
@@ -266,7 +266,7 @@ struct Watched {
 
 impl Watched {
     fn absorb(&mut self, update: Update) {
-        match update.apply(&mut self.snapshot) {
+        match update.apply(&mut self.snapshot, &mut Changes::default()) {
             Signal::Synced { source } => {
                 assert!(self.synced.insert(source), "{source} synced twice");
             }

@@ -16,11 +16,11 @@ use super::{
     record::{Applied, Recorder},
 };
 use crate::{
-    compile::{self, Compiled, Ids, Scope},
+    compile::{Compiled, incremental::Compiler},
     datapath::image::Room,
     node::{self, Discovery},
     source::{Signal, Update},
-    state::{ObjectKey, Pod, Snapshot},
+    state::{Changes, ObjectKey, Pod, Snapshot},
 };
 
 /// Debounce: reconcile this long after the last update of a burst...
@@ -29,9 +29,11 @@ const QUIET: Duration = Duration::from_millis(20);
 const MAX_DELAY: Duration = Duration::from_millis(200);
 
 pub struct Reconciler {
-    pub node: String,
     pub snapshot: Snapshot,
-    pub ids: Ids,
+    /// Compiles what changed since the last reconcile.
+    pub compiler: Compiler,
+    /// What changed in the snapshot since the last compile.
+    pub changes: Changes,
     /// Problems reported last time, so each is logged when it appears, not every resync.
     pub problems: Vec<String>,
     /// Sources that have not yet delivered a complete view: not ready until empty.
@@ -84,14 +86,16 @@ impl Reconciler {
     async fn reconcile(&mut self) {
         let started = Instant::now();
         self.recorder.reconcile_started();
-        let mut compiled = self.compile();
+        let compiled = self
+            .compiler
+            .compile(&self.snapshot, &std::mem::take(&mut self.changes));
         let view = self
             .discovery
-            .look(local_pods(&self.snapshot, &compiled))
+            .look(local_pods(&self.snapshot, compiled))
             .await;
         let change = plan::plan(
             &self.snapshot,
-            &compiled,
+            compiled,
             &view,
             self.writer.held(),
             self.room,
@@ -103,8 +107,7 @@ impl Reconciler {
         };
         let tracked = change.needs_seeding().then(node::conntrack::read).flatten();
         self.writer.write_links(&change, tracked.as_deref());
-        self.ids = std::mem::take(&mut compiled.ids);
-        self.recorder.applied(Applied {
+        self.recorder.applied(&Applied {
             snapshot: &self.snapshot,
             compiled,
             change: &change,
@@ -120,14 +123,9 @@ impl Reconciler {
         }
     }
 
-    /// The whole snapshot, compiled for this node's pods.
-    fn compile(&self) -> Compiled {
-        compile::compile(&self.snapshot, &Scope::Node(self.node.clone()), &self.ids)
-    }
-
     /// Applies an update to the snapshot; true when a reconcile is due.
     fn absorb(&mut self, update: Update) -> bool {
-        match update.apply(&mut self.snapshot) {
+        match update.apply(&mut self.snapshot, &mut self.changes) {
             Signal::Changed { received, problems } => {
                 self.report_problems(problems);
                 self.batch.push(received);

@@ -33,8 +33,8 @@ pub fn capacity_rows(capacities: Capacities) -> [(&'static str, u32); 6] {
 /// One reconcile whose change the kernel now holds.
 pub struct Applied<'a> {
     pub snapshot: &'a Snapshot,
-    /// Handed on to the admin API whole.
-    pub compiled: Compiled,
+    /// Copied to the admin API whole.
+    pub compiled: &'a Compiled,
     pub change: &'a Change,
     pub stats: ApplyStats,
     /// When each change this reconcile carried reached its source.
@@ -149,7 +149,7 @@ impl Recorder {
     }
 
     /// Everything a reconcile whose change is in the kernel reports.
-    pub fn applied(&mut self, applied: Applied<'_>) {
+    pub fn applied(&mut self, applied: &Applied<'_>) {
         let now = Instant::now();
         for received in &applied.received {
             self.metrics
@@ -159,8 +159,8 @@ impl Recorder {
         self.metrics
             .reconcile_duration
             .observe(applied.started.elapsed().as_secs_f64());
-        self.gauges(&applied);
-        self.name_endpoints(&applied.compiled);
+        self.gauges(applied);
+        self.name_endpoints(applied.compiled);
         let (image, stats) = (&applied.change.image, applied.stats);
         if stats.written + stats.removed > 0 {
             info!(
@@ -253,7 +253,7 @@ impl Recorder {
     }
 
     /// Hands the tables just programmed to the admin API and the flow log.
-    fn share(&self, applied: Applied<'_>) {
+    fn share(&self, applied: &Applied<'_>) {
         let Applied {
             snapshot,
             compiled,
@@ -291,7 +291,7 @@ impl Recorder {
             .collect();
         let tables = LiveTables {
             node: self.node.clone(),
-            tables: compiled.tables,
+            tables: compiled.tables.clone(),
             attachments: change.attachments.clone(),
             pod_ips,
             policies: snapshot.policies.len(),

@@ -18,7 +18,7 @@ use egret_common::{
 };
 
 use super::{
-    Allowance, Compiled, Grants, Ids, grants_for, insert_grants, merge_grants, ports,
+    Allocator, Allowance, Compiled, Grants, grants_for, insert_grants, merge_grants, ports,
     tiers::{Ranked, rule_value},
 };
 use crate::policy::{
@@ -37,7 +37,7 @@ pub struct DomainEntry {
 /// Adds the domain patterns of every table's ClusterNetworkPolicies: their name
 /// entries, identities and policy entries, and `ENDPOINT_FLAG_DOMAINS` on the
 /// endpoints of those tables.
-pub(super) fn add(compiled: &mut Compiled, previous: &Ids, ranked: &Ranked) {
+pub(super) fn add(compiled: &mut Compiled, previous: &Allocator<String>, ranked: &Ranked) {
     let by_name: BTreeMap<&str, _> = ranked
         .policies
         .iter()
@@ -95,7 +95,7 @@ pub(super) fn add(compiled: &mut Compiled, previous: &Ids, ranked: &Ranked) {
         .iter()
         .flat_map(|(_, patterns)| patterns.keys().map(ToString::to_string))
         .collect();
-    compiled.ids.domains = previous.domains.reassign(all, 1);
+    compiled.ids.domains = previous.reassign(all, 1);
     let mut with_domains = BTreeSet::new();
     for (table, patterns) in table_patterns {
         with_domains.insert(table);

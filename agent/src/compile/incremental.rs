@@ -24,6 +24,7 @@ use std::{
     net::IpAddr,
 };
 
+use egret_common::{dns::DOMAIN_IDENTITY_BIT, maps::ENDPOINT_FLAG_DOMAINS};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{
@@ -44,8 +45,11 @@ pub struct Compiler {
     pods: HashMap<ObjectKey, PodFacts>,
     /// Identity -> how many pods have it.
     identity_pods: BTreeMap<IdentityKey, usize>,
-    /// Address -> the pods claiming it; the first (by key) owns it.
-    claims: BTreeMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// Address -> the pods claiming it, sorted; the first owns it. (A sorted `Vec`:
+    /// nearly every address has one claimant, and a set would allocate a whole node.)
+    claims: BTreeMap<IpAddr, Vec<ObjectKey>>,
+    /// Addresses more than one pod claims.
+    contested: BTreeSet<IpAddr>,
     /// Local pods -> the key of their table.
     local: BTreeMap<ObjectKey, TableKey>,
     layouts: HashMap<TableKey, Layout>,
@@ -73,6 +77,7 @@ impl Compiler {
             pods: HashMap::new(),
             identity_pods: BTreeMap::new(),
             claims: BTreeMap::new(),
+            contested: BTreeSet::new(),
             local: BTreeMap::new(),
             layouts: HashMap::new(),
             primed: false,
@@ -101,7 +106,10 @@ impl Compiler {
         let moved = self.update_pods(snapshot, &changes.pods);
         let local_stale = self.update_local(snapshot, &ranked, changes);
         let stale = self.stale_layouts(snapshot, &ranked, changes, &moved);
-        self.relay(snapshot, &ranked, &stale, &local_stale);
+        let relaid = self.relay(snapshot, &ranked, &stale, &local_stale);
+        if relaid || changes.cluster_policies {
+            self.redo_domains(&ranked);
+        }
         self.compiled.tables.tier_rules = ranked.rules;
         &self.compiled
     }
@@ -156,7 +164,7 @@ impl Compiler {
                 }
                 for ip in &before.ips {
                     if let Some(claimants) = self.claims.get_mut(ip) {
-                        claimants.remove(key);
+                        claimants.retain(|claimant| claimant != key);
                         if claimants.is_empty() {
                             self.claims.remove(ip);
                         }
@@ -168,7 +176,10 @@ impl Compiler {
             if let Some(now) = now {
                 *self.identity_pods.entry(now.identity.clone()).or_default() += 1;
                 for ip in &now.ips {
-                    self.claims.entry(*ip).or_default().insert(key.clone());
+                    let claimants = self.claims.entry(*ip).or_default();
+                    if let Err(at) = claimants.binary_search(key) {
+                        claimants.insert(at, key.clone());
+                    }
                     touched.insert(*ip);
                 }
                 candidates.insert(now.identity.clone());
@@ -184,7 +195,13 @@ impl Compiler {
 
         let table = &mut self.compiled.tables.identities;
         for ip in &touched {
-            let owner = self.claims.get(ip).and_then(|claimants| claimants.first());
+            let claimants = self.claims.get(ip);
+            if claimants.is_some_and(|c| c.len() > 1) {
+                self.contested.insert(*ip);
+            } else {
+                self.contested.remove(ip);
+            }
+            let owner = claimants.and_then(|claimants| claimants.first());
             match owner.and_then(|owner| self.pods.get(owner)) {
                 Some(facts) => {
                     table.insert(*ip, allocator.id(&facts.identity));
@@ -207,9 +224,9 @@ impl Compiler {
     /// finds them (by pod, then by the pod's address order).
     fn address_conflicts(&self) -> Vec<(ObjectKey, IpAddr)> {
         let mut conflicts: Vec<(&ObjectKey, usize, IpAddr)> = self
-            .claims
+            .contested
             .iter()
-            .filter(|(_, claimants)| claimants.len() > 1)
+            .filter_map(|ip| Some((ip, self.claims.get(ip)?)))
             .flat_map(|(ip, claimants)| {
                 claimants.iter().skip(1).map(move |pod| {
                     let position = self.pods[pod].ips.iter().position(|i| i == ip);
@@ -330,14 +347,14 @@ impl Compiler {
     }
 
     /// Rebuilds stale and new layouts, drops unused ones, and rewrites the tables and
-    /// endpoint entries they change.
+    /// endpoint entries they change. True when any table or endpoint entry changed.
     fn relay(
         &mut self,
         snapshot: &Snapshot,
         ranked: &Ranked<'_>,
         stale: &BTreeSet<TableKey>,
         local_stale: &BTreeSet<ObjectKey>,
-    ) {
+    ) -> bool {
         let used: BTreeSet<&TableKey> = self.local.values().collect();
         let gone: Vec<TableKey> = self
             .layouts
@@ -361,7 +378,13 @@ impl Compiler {
                 .map(|key| (self.compiled.ids.identities.id(key), key))
                 .collect();
             let identities = IdentityIndex::new(snapshot, identity_keys);
-            let owners = self.owners(snapshot);
+            // Only named ports in address rules read who owns an address: most
+            // changes need not walk every pod for it.
+            let owners = if fresh.iter().any(|key| reads_owners(snapshot, ranked, key)) {
+                self.owners(snapshot)
+            } else {
+                BTreeMap::new()
+            };
             for key in &fresh {
                 let pod = self
                     .local
@@ -410,7 +433,9 @@ impl Compiler {
         // Endpoint entries: of the pods that moved, and of every pod whose table was
         // re-laid (its flags and isolating policies come from the layout).
         let endpoints = &mut self.compiled.tables.endpoints;
+        let before = endpoints.len();
         endpoints.retain(|pod, _| self.local.contains_key(pod));
+        let mut changed = !gone.is_empty() || !fresh.is_empty() || endpoints.len() != before;
         for (pod_key, table_key) in &self.local {
             if !local_stale.contains(pod_key)
                 && !fresh.contains(table_key)
@@ -429,7 +454,41 @@ impl Compiler {
                 table_key.cluster_policies.clone(),
             );
             endpoints.insert(pod_key.clone(), entry);
+            changed = true;
         }
+        changed
+    }
+
+    /// Lays out the domain names of every table again (their entries follow from the
+    /// tables' ClusterNetworkPolicies and are few), numbered as the full compile numbers
+    /// them.
+    fn redo_domains(&mut self, ranked: &Ranked<'_>) {
+        let tables = &mut self.compiled.tables;
+        let with_domains: BTreeSet<u32> = tables.domains.keys().map(|(table, _)| *table).collect();
+        for table in with_domains {
+            let first = PolicyEntryKey {
+                table,
+                identity: DOMAIN_IDENTITY_BIT,
+                ports: PortPrefix::AnyProtocol,
+            };
+            let domain_entries: Vec<PolicyEntryKey> = tables
+                .policy
+                .range(first..)
+                .take_while(|(key, _)| {
+                    key.table == table && key.identity & DOMAIN_IDENTITY_BIT != 0
+                })
+                .map(|(key, _)| *key)
+                .collect();
+            for key in domain_entries {
+                tables.policy.remove(&key);
+            }
+        }
+        tables.domains.clear();
+        for entry in tables.endpoints.values_mut() {
+            entry.flags &= !ENDPOINT_FLAG_DOMAINS;
+        }
+        let previous = std::mem::take(&mut self.compiled.ids.domains);
+        super::domains::add(&mut self.compiled, &previous, ranked);
     }
 
     /// Numbers every class of every layout by content, as the full compile does.
@@ -512,6 +571,29 @@ fn policy_is_touched(
             }
         })
     })
+}
+
+/// Whether the layout of `key` reads address owners: a rule with named ports and
+/// address peers (the named ports resolve on the pods inside them).
+fn reads_owners(snapshot: &Snapshot, ranked: &Ranked<'_>, key: &TableKey) -> bool {
+    let named = |ports: &[crate::policy::PortMatch]| {
+        ports.iter().any(|p| matches!(p.port, PortSpec::Named(_)))
+    };
+    let policies = key
+        .policies
+        .iter()
+        .filter_map(|id| snapshot.policies.get(id))
+        .any(|policy| {
+            policy.egress.iter().any(|rule| {
+                named(&rule.ports) && rule.to.iter().any(|peer| matches!(peer, Peer::Block(_)))
+            })
+        });
+    let cluster = ranked
+        .policies
+        .iter()
+        .filter(|(policy, _)| key.cluster_policies.contains(&policy.name))
+        .any(|(policy, _)| policy.egress.iter().any(|rule| named(&rule.protocols)));
+    policies || cluster
 }
 
 /// Removes every CIDR and policy entry of `table`.

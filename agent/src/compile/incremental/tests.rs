@@ -12,7 +12,7 @@ use super::Compiler;
 use crate::{
     compile::{
         Compiled, Ids, Scope, compile,
-        tests::{ADDRESSES, PodSpec, arb_labels, arb_pod, arb_policy},
+        tests::{ADDRESSES, PodSpec, arb_labels, arb_pod, arb_policy, arb_selector},
         tiers::tests::arb_cluster_policy,
     },
     policy::Protocol,
@@ -54,10 +54,33 @@ fn arb_op() -> impl Strategy<Value = Op> {
                 (Just(slot), proptest::option::weighted(0.7, arb_cluster_policy(slot)))
             })
             .prop_map(|(slot, policy)| Op::Cluster(slot, policy)),
+        1 => (0..CLUSTER_SLOTS)
+            .prop_flat_map(|slot| (Just(slot), arb_domain_policy(slot)))
+            .prop_map(|(slot, policy)| Op::Cluster(slot, Some(policy))),
         1 => proptest::option::weighted(0.8, proptest::collection::vec(0..ADDRESSES.len(), 0..3))
             .prop_map(Op::Service),
         1 => Just(Op::Everything),
     ]
+}
+
+/// A ClusterNetworkPolicy `c{slot}` whose Accept rule names domains.
+fn arb_domain_policy(slot: usize) -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(&["Admin", "Baseline"][..]),
+        arb_selector(),
+        proptest::sample::subsequence(
+            &["api.example.test", "*.example.test", "*.svc.example.test", "db.other.test"][..],
+            1..3,
+        ),
+        prop::sample::select(&["", ", protocols: [{tcp: {destinationPort: {number: 443}}}]"][..]),
+    )
+        .prop_map(move |(tier, subject, names, protocols)| {
+            let names: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+            format!(
+                "metadata: {{name: c{slot}}}\nspec:\n  tier: {tier}\n  priority: 1\n  subject: {{namespaces: {subject}}}\n  egress: [{{action: Accept, to: [{{domainNames: [{}]}}]{protocols}}}]\n",
+                names.join(", ")
+            )
+        })
 }
 
 /// Applies `op` to the snapshot and records what it changed, as the agent's sources do.

@@ -7,21 +7,26 @@
 //! memory is what it would be against a real cluster. Objects carry what a cluster adds
 //! to what was applied (uid, resourceVersion, creationTimestamp, managedFields,
 //! ownerReferences, a kubelet's status), which the agent must not keep. Watches are
-//! held open and deliver nothing: the cluster does not change. The
-//! `ClusterNetworkPolicy` CRD is not installed (its path answers `404`), and there are
-//! no Services or EndpointSlices.
+//! held open; a benchmark changes the cluster with [`ClusterApiServer::change`] (a
+//! policy revised, a pod joining or leaving), which every open watch of the kind
+//! receives at once as an event, each change at the next resourceVersion ([`watch`]).
+//! The `ClusterNetworkPolicy` CRD is not installed (its path answers `404`), and there
+//! are no Services or EndpointSlices.
 //!
 //! Plain HTTP on loopback inside the namespace given (no TLS, no authentication), one
 //! thread per connection, every connection answered then closed.
+
+mod watch;
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{self, BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    ops::Bound,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
@@ -31,11 +36,13 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use serde_json::{Value, json};
+pub use watch::ClusterChange;
 
 use crate::{cluster::GeneratedCluster, netns};
 
-/// The resourceVersion of everything: the cluster never changes.
-const RESOURCE_VERSION: &str = "1000";
+/// The resourceVersion of every object of the cluster as generated; each change takes
+/// the next one.
+const INITIAL_RESOURCE_VERSION: u64 = 1000;
 
 /// The server stops by itself after this, whatever its owner does.
 const MAX_LIFETIME: Duration = Duration::from_mins(30);
@@ -50,12 +57,51 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One list path and its objects, rendered once as JSON.
+/// One list path and its objects as JSON, by `namespace/name` (the order in which the
+/// API server lists them, and what its `continue` tokens point at).
 struct Resource {
     path: &'static str,
     list_kind: &'static str,
     api_version: &'static str,
-    items: Vec<String>,
+    items: BTreeMap<String, String>,
+}
+
+/// What the server serves now: the resources, and what changed since they were
+/// generated.
+struct Store {
+    cluster: GeneratedCluster,
+    /// The resourceVersion of the last change ([`INITIAL_RESOURCE_VERSION`] before any).
+    resource_version: u64,
+    resources: Vec<Resource>,
+    watches: watch::Watches,
+}
+
+impl Store {
+    /// `cluster` as generated, with no change made.
+    fn new(cluster: &GeneratedCluster) -> anyhow::Result<Self> {
+        Ok(Self {
+            cluster: cluster.clone(),
+            resource_version: INITIAL_RESOURCE_VERSION,
+            resources: render(cluster)?,
+            watches: watch::Watches::default(),
+        })
+    }
+
+    fn resource(&self, path: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.path == path)
+    }
+
+    fn resource_mut(&mut self, path: &str) -> Option<&mut Resource> {
+        self.resources.iter_mut().find(|r| r.path == path)
+    }
+}
+
+/// The store, shared by the connections and the owner that changes it.
+type SharedStore = Arc<Mutex<Store>>;
+
+/// A connection that panicked left nothing half-changed that matters to a benchmark.
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What the server answered, for callers that check the client behaved as a real one
@@ -65,6 +111,8 @@ pub struct Served {
     pub list_pages: AtomicUsize,
     pub watches: AtomicUsize,
     pub not_found: AtomicUsize,
+    /// Watch events written to clients (a change reaches every open watch of its kind).
+    pub events: AtomicUsize,
 }
 
 /// A running server. Dropping it stops it, held watches included.
@@ -72,6 +120,7 @@ pub struct ClusterApiServer {
     addr: SocketAddr,
     /// Bytes of every object, as JSON: what a full list of each kind carries.
     object_bytes: usize,
+    store: SharedStore,
     stop: Arc<AtomicBool>,
     served: Arc<Served>,
     thread: Option<JoinHandle<()>>,
@@ -84,17 +133,20 @@ impl ClusterApiServer {
     /// # Errors
     /// When the cluster's manifests do not render as JSON, or the server cannot bind.
     pub fn start(netns: &str, cluster: &GeneratedCluster) -> anyhow::Result<Self> {
-        let resources = Arc::new(render(cluster)?);
-        let object_bytes = resources
+        let store = Store::new(cluster)?;
+        let object_bytes = store
+            .resources
             .iter()
-            .flat_map(|resource| &resource.items)
+            .flat_map(|resource| resource.items.values())
             .map(String::len)
             .sum();
+        let store = Arc::new(Mutex::new(store));
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Served::default());
         let (bound_tx, bound_rx) = mpsc::channel();
         let thread = {
             let netns = netns.to_owned();
+            let store = Arc::clone(&store);
             let stop = Arc::clone(&stop);
             let served = Arc::clone(&counters);
             thread::Builder::new()
@@ -108,7 +160,7 @@ impl ClusterApiServer {
                     match listener {
                         Ok(listener) => {
                             let _ = bound_tx.send(listener.local_addr().map_err(Into::into));
-                            serve(&listener, &resources, &stop, &served);
+                            serve(&listener, &store, &stop, &served);
                         }
                         Err(error) => {
                             let _ = bound_tx.send(Err(error));
@@ -120,6 +172,7 @@ impl ClusterApiServer {
         let mut server = Self {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             object_bytes,
+            store,
             stop,
             served: counters,
             thread: Some(thread),
@@ -145,6 +198,24 @@ impl ClusterApiServer {
     #[must_use]
     pub fn served(&self) -> &Served {
         &self.served
+    }
+
+    /// Makes `change` to the served cluster: the lists serve it from now on, and every
+    /// open watch of its kind receives its event before this returns (a watch that
+    /// opens later from an older resourceVersion receives it first). Returns the
+    /// change's resourceVersion.
+    ///
+    /// # Errors
+    /// When the change does not fit the cluster: a policy or a pod leaving that is not
+    /// served, a pod joining that is.
+    pub fn change(&self, change: &ClusterChange) -> anyhow::Result<u64> {
+        watch::change(&mut lock(&self.store), change)
+    }
+
+    /// Watches open now, all kinds together.
+    #[must_use]
+    pub fn open_watches(&self) -> usize {
+        lock(&self.store).watches.open()
     }
 
     /// Writes a kubeconfig pointing at this server into `dir` and returns its path.
@@ -176,21 +247,23 @@ fn render(cluster: &GeneratedCluster) -> anyhow::Result<Vec<Resource>> {
     let json = |yaml: &str| -> anyhow::Result<Value> {
         serde_yaml_ng::from_str(yaml).context("a generated manifest is not valid YAML")
     };
-    let mut namespaces = Vec::with_capacity(cluster.namespaces());
+    let version = INITIAL_RESOURCE_VERSION;
+    let mut namespaces = BTreeMap::new();
     for n in 0..cluster.namespaces() {
-        let object = json(&GeneratedCluster::namespace_yaml(n))?;
-        namespaces.push(as_served(object, n).to_string());
+        let object = as_served(json(&GeneratedCluster::namespace_yaml(n))?, n, version);
+        namespaces.insert(key_of(&object), object.to_string());
     }
-    let mut pods = Vec::with_capacity(cluster.pods);
+    let mut pods = BTreeMap::new();
     for i in 0..cluster.pods {
         let mut object = json(&cluster.pod_yaml(i))?;
-        as_scheduled(&mut object, i);
-        pods.push(as_served(object, i).to_string());
+        as_scheduled(&mut object, i / crate::cluster::PODS_PER_DEPLOYMENT, i);
+        let object = as_served(object, i, version);
+        pods.insert(key_of(&object), object.to_string());
     }
-    let mut policies = Vec::with_capacity(cluster.policies);
+    let mut policies = BTreeMap::new();
     for p in 0..cluster.policies {
-        let object = json(&cluster.policy_yaml(p, 0))?;
-        policies.push(as_served(object, p).to_string());
+        let object = as_served(json(&cluster.policy_yaml(p, 0))?, p, version);
+        policies.insert(key_of(&object), object.to_string());
     }
     let resource = |path, list_kind, api_version, items| Resource {
         path,
@@ -201,7 +274,7 @@ fn render(cluster: &GeneratedCluster) -> anyhow::Result<Vec<Resource>> {
     Ok(vec![
         resource("/api/v1/namespaces", "NamespaceList", "v1", namespaces),
         resource("/api/v1/pods", "PodList", "v1", pods),
-        resource("/api/v1/services", "ServiceList", "v1", Vec::new()),
+        resource("/api/v1/services", "ServiceList", "v1", BTreeMap::new()),
         resource(
             "/apis/networking.k8s.io/v1/networkpolicies",
             "NetworkPolicyList",
@@ -212,17 +285,27 @@ fn render(cluster: &GeneratedCluster) -> anyhow::Result<Vec<Resource>> {
             "/apis/discovery.k8s.io/v1/endpointslices",
             "EndpointSliceList",
             "discovery.k8s.io/v1",
-            Vec::new(),
+            BTreeMap::new(),
         ),
     ])
 }
 
-/// What the API server adds to every object it stores: uid, resourceVersion,
-/// creationTimestamp, and the field manager's record of who set what.
-fn as_served(mut object: Value, index: usize) -> Value {
+/// A served object's key: `namespace/name` (`name` alone for a cluster-scoped one).
+fn key_of(object: &Value) -> String {
+    let metadata = &object["metadata"];
+    let name = metadata["name"].as_str().unwrap_or_default();
+    match metadata["namespace"].as_str() {
+        Some(namespace) => format!("{namespace}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+/// What the API server adds to every object it stores: uid (from `index`),
+/// resourceVersion, creationTimestamp, and the field manager's record of who set what.
+fn as_served(mut object: Value, index: usize, resource_version: u64) -> Value {
     let metadata = &mut object["metadata"];
     metadata["uid"] = json!(format!("6f1c2d3e-0000-4000-8000-{index:012x}"));
-    metadata["resourceVersion"] = json!(RESOURCE_VERSION);
+    metadata["resourceVersion"] = json!(resource_version.to_string());
     metadata["creationTimestamp"] = json!("2025-11-20T09:00:00Z");
     metadata["managedFields"] = json!([
         {"manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "v1",
@@ -237,10 +320,9 @@ fn as_served(mut object: Value, index: usize) -> Value {
     object
 }
 
-/// What a `ReplicaSet` and a kubelet add to a pod: owner, generated name, defaults, and a
-/// running status.
-fn as_scheduled(pod: &mut Value, index: usize) {
-    let deployment = index / crate::cluster::PODS_PER_DEPLOYMENT;
+/// What a `ReplicaSet` (of `deployment`) and a kubelet add to a pod: owner, generated
+/// name, defaults, and a running status (its container id from `index`).
+fn as_scheduled(pod: &mut Value, deployment: usize, index: usize) {
     let metadata = &mut pod["metadata"];
     metadata["generateName"] = json!(format!("dep-{deployment}-7d9f8c6b5-"));
     metadata["labels"]["pod-template-hash"] = json!("7d9f8c6b5");
@@ -283,7 +365,7 @@ fn as_scheduled(pod: &mut Value, index: usize) {
 /// Accepts until `stop` is set or the lifetime runs out; then waits for connections.
 fn serve(
     listener: &TcpListener,
-    resources: &Arc<Vec<Resource>>,
+    store: &SharedStore,
     stop: &Arc<AtomicBool>,
     served: &Arc<Served>,
 ) {
@@ -297,12 +379,12 @@ fn serve(
                     let _ = respond(stream, "503 Service Unavailable", "too many connections");
                     continue;
                 }
-                let (resources, stop, served) =
-                    (Arc::clone(resources), Arc::clone(stop), Arc::clone(served));
+                let (store, stop, served) =
+                    (Arc::clone(store), Arc::clone(stop), Arc::clone(served));
                 let spawned = thread::Builder::new()
                     .name("API connection".to_owned())
                     .spawn(move || {
-                        let _ = answer(stream, &resources, &stop, &served);
+                        let _ = answer(stream, &store, &stop, &served);
                     });
                 if let Ok(connection) = spawned {
                     connections.push(connection);
@@ -360,7 +442,7 @@ fn read_request(stream: &TcpStream) -> io::Result<Request> {
 
 fn answer(
     stream: TcpStream,
-    resources: &[Resource],
+    store: &Mutex<Store>,
     stop: &AtomicBool,
     served: &Served,
 ) -> io::Result<()> {
@@ -368,7 +450,7 @@ fn answer(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     let request = read_request(&stream)?;
-    let Some(resource) = resources.iter().find(|r| r.path == request.path) else {
+    let Some(path) = lock(store).resource(&request.path).map(|r| r.path) else {
         served.not_found.fetch_add(1, Ordering::Relaxed);
         // What the API server answers for a resource no CRD defines (the
         // ClusterNetworkPolicy CRD is not installed here), and for anything else it does
@@ -380,76 +462,113 @@ fn answer(
         Some("true" | "1")
     ) {
         served.watches.fetch_add(1, Ordering::Relaxed);
-        return hold_watch(stream, &request, stop);
+        return watch::stream(stream, &request, path, store, stop, served);
     }
     served.list_pages.fetch_add(1, Ordering::Relaxed);
-    let from: usize = request
-        .query
-        .get("continue")
-        .and_then(|token| token.parse().ok())
-        .unwrap_or(0);
+    match list_page(&lock(store), path, &request) {
+        Ok(body) => respond_json(stream, &body),
+        Err(status) => respond_status(stream, &status),
+    }
+}
+
+/// A `continue` token: the list's resourceVersion, how many items came before, and the
+/// last key served (hex, so the token needs no escaping in a query).
+fn continue_token(resource_version: u64, served: usize, last_key: &str) -> String {
+    let mut token = format!("{resource_version}.{served}.");
+    for byte in last_key.bytes() {
+        let _ = write!(token, "{byte:02x}");
+    }
+    token
+}
+
+fn parse_continue_token(token: &str) -> Option<(u64, usize, String)> {
+    let mut parts = token.splitn(3, '.');
+    let resource_version = parts.next()?.parse().ok()?;
+    let served = parts.next()?.parse().ok()?;
+    let hex = parts.next()?;
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(hex.get(at..at + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some((resource_version, served, String::from_utf8(bytes).ok()?))
+}
+
+/// One page of the list at `path`, or the `Status` the API server answers instead: a
+/// page asked for by a `continue` token of a list whose objects changed since is
+/// `410 Expired`, as when the API server no longer holds that version (it serves
+/// consistent lists; this server keeps one version).
+fn list_page(store: &Store, path: &str, request: &Request) -> Result<String, Value> {
+    let resource = store
+        .resource(path)
+        .ok_or_else(|| status(404, "NotFound", "the resource is not served"))?;
+    let (before, after) = match request.query.get("continue") {
+        None => (0, Bound::Unbounded),
+        Some(token) => {
+            let (version, before, last_key) = parse_continue_token(token)
+                .ok_or_else(|| status(400, "BadRequest", "invalid continue token"))?;
+            if version != store.resource_version {
+                return Err(status(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list \
+                     result. You can start a new list without the continue parameter.",
+                ));
+            }
+            (before, Bound::Excluded(last_key))
+        }
+    };
     let limit = request
         .query
         .get("limit")
         .and_then(|limit| limit.parse::<usize>().ok())
         .filter(|limit| *limit > 0)
         .unwrap_or(usize::MAX);
-    let total = resource.items.len();
-    let from = from.min(total);
-    let to = from.saturating_add(limit).min(total);
+    let page: Vec<(&String, &String)> = resource
+        .items
+        .range::<String, _>((after, Bound::Unbounded))
+        .take(limit)
+        .collect();
+    let remaining = resource.items.len().saturating_sub(before + page.len());
     let mut body = format!(
-        "{{\"kind\":\"{}\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{RESOURCE_VERSION}\"",
-        resource.list_kind, resource.api_version
+        "{{\"kind\":\"{}\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{}\"",
+        resource.list_kind, resource.api_version, store.resource_version
     );
-    if to < total {
+    if remaining > 0
+        && let Some((last_key, _)) = page.last()
+    {
+        let token = continue_token(store.resource_version, before + page.len(), last_key);
         let _ = write!(
             body,
-            ",\"continue\":\"{to}\",\"remainingItemCount\":{}",
-            total - to
+            ",\"continue\":\"{token}\",\"remainingItemCount\":{remaining}"
         );
     }
     body.push_str("},\"items\":[");
-    for (n, item) in resource.items[from..to].iter().enumerate() {
+    for (n, (_, item)) in page.iter().enumerate() {
         if n > 0 {
             body.push(',');
         }
         body.push_str(item);
     }
     body.push_str("]}");
-    respond_json(stream, &body)
+    Ok(body)
 }
 
-/// Answers a watch with its headers, then nothing (no object changes), until the
-/// client's `timeoutSeconds` (at most [`MAX_WATCH`]), the client going away, or the
-/// server stopping.
-fn hold_watch(mut stream: TcpStream, request: &Request, stop: &AtomicBool) -> io::Result<()> {
-    let timeout = request
-        .query
-        .get("timeoutSeconds")
-        .and_then(|seconds| seconds.parse().ok())
-        .map_or(MAX_WATCH, |seconds| {
-            Duration::from_secs(seconds).min(MAX_WATCH)
-        });
-    stream.write_all(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+/// A `Status` object as the API server answers errors with.
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code})
+}
+
+fn respond_status(mut stream: TcpStream, status: &Value) -> io::Result<()> {
+    let body = status.to_string();
+    let code = status["code"].as_u64().unwrap_or(500);
+    let reason = status["reason"].as_str().unwrap_or("Error");
+    write!(
+        stream,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
-    stream.set_read_timeout(Some(TICK))?;
-    let end = Instant::now() + timeout;
-    let mut byte = [0; 1];
-    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-        match io::Read::read(&mut stream, &mut byte) {
-            // The client closed the watch.
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(())
+    stream.flush()
 }
 
 fn respond_json(mut stream: TcpStream, body: &str) -> io::Result<()> {
@@ -481,7 +600,7 @@ mod tests {
         let resources = render(&cluster).unwrap();
         let pods = &resources.iter().find(|r| r.path == "/api/v1/pods").unwrap();
         assert_eq!(pods.items.len(), 30);
-        let pod: Value = serde_json::from_str(&pods.items[12]).unwrap();
+        let pod: Value = serde_json::from_str(&pods.items["ns-0/dep-1-2"]).unwrap();
         assert_eq!(pod["metadata"]["name"], "dep-1-2");
         assert_eq!(pod["metadata"]["namespace"], "ns-0");
         assert_eq!(pod["metadata"]["labels"]["app"], "dep-1");
@@ -493,16 +612,16 @@ mod tests {
         );
         assert!(pod["metadata"]["managedFields"].is_array());
         assert!(
-            pods.items[12].len() > 2_000,
+            pods.items["ns-0/dep-1-2"].len() > 2_000,
             "a pod as served is several times what was applied: {} bytes",
-            pods.items[12].len()
+            pods.items["ns-0/dep-1-2"].len()
         );
         let policies = resources
             .iter()
             .find(|r| r.list_kind == "NetworkPolicyList")
             .unwrap();
         assert_eq!(policies.items.len(), 4);
-        let policy: Value = serde_json::from_str(&policies.items[2]).unwrap();
+        let policy: Value = serde_json::from_str(&policies.items["ns-0/p2"]).unwrap();
         assert_eq!(
             policy["spec"]["egress"][0]["to"][0]["ipBlock"]["cidr"],
             "172.18.0.0/16"

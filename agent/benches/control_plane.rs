@@ -44,7 +44,7 @@ fn main() {
 
 /// Changes to one generated cluster, `samples` of each kind.
 fn measure(cluster: &GeneratedCluster, samples: usize) {
-    let snapshot = support::snapshot(&cluster);
+    let snapshot = support::snapshot(cluster);
     let interfaces: BTreeMap<ObjectKey, u32> = cluster
         .local_indexes()
         .zip(1000..)

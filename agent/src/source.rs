@@ -121,10 +121,7 @@ impl Update {
                 {
                     return Signal::Unchanged { problems: None };
                 }
-                changes.kind(kind, snapshot);
-                for object in &objects {
-                    changes.object(object);
-                }
+                changes.relisted();
                 snapshot.replace_kind(kind, objects);
                 signal_changed(received)
             }

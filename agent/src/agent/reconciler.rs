@@ -25,8 +25,30 @@ use crate::{
 
 /// Debounce: reconcile this long after the last update of a burst...
 const QUIET: Duration = Duration::from_millis(20);
-/// ...but never later than this after the first.
+/// ...but never later than this after the first. A change that finds the loop idle
+/// (synced, nothing pending, no reconcile for this long) is reconciled at once.
 const MAX_DELAY: Duration = Duration::from_millis(200);
+
+/// When the reconcile of a change that arrived `now` is due. `pending`: the reconcile
+/// already due; `first`: when the oldest change not yet in the kernel arrived.
+fn due_after_change(
+    now: Instant,
+    pending: Option<Instant>,
+    first: Instant,
+    last_reconcile: Option<Instant>,
+    synced: bool,
+) -> Instant {
+    let idle = synced
+        && pending.is_none()
+        && last_reconcile.is_none_or(|at| now.duration_since(at) >= MAX_DELAY);
+    if idle {
+        // A lone change: the incremental compile makes it cheap, so it need not wait
+        // for a burst that is not coming.
+        now
+    } else {
+        (now + QUIET).min(first + MAX_DELAY)
+    }
+}
 
 pub struct Reconciler {
     pub snapshot: Snapshot,
@@ -56,25 +78,38 @@ impl Reconciler {
         tokio::pin!(shutdown);
         let mut resync_timer = tokio::time::interval(resync);
         resync_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut due: Option<tokio::time::Instant> = None;
+        let mut due: Option<Instant> = None;
+        let mut last_reconcile: Option<Instant> = None;
         loop {
-            let deadline = due.unwrap_or_else(|| tokio::time::Instant::now() + resync);
+            let deadline = due.unwrap_or_else(|| Instant::now() + resync);
             tokio::select! {
+                // A reconcile that is due goes before more updates: a flood of them
+                // never delays it past MAX_DELAY.
+                biased;
                 () = &mut shutdown => return,
-                update = updates.recv() => {
-                    let Some(update) = update else { return };
-                    if self.absorb(update) {
-                        let first = self.batch.first().copied().map_or_else(tokio::time::Instant::now, Into::into);
-                        due = Some((tokio::time::Instant::now() + QUIET).min(first + MAX_DELAY));
-                    }
-                }
-                () = tokio::time::sleep_until(deadline), if due.is_some() => {
+                () = tokio::time::sleep_until(deadline.into()), if due.is_some() => {
                     due = None;
                     self.reconcile().await;
+                    last_reconcile = Some(Instant::now());
+                }
+                update = updates.recv() => {
+                    let Some(update) = update else { return };
+                    let mut changed = self.absorb(update);
+                    // Whatever else has already arrived joins this reconcile.
+                    while let Ok(update) = updates.try_recv() {
+                        changed |= self.absorb(update);
+                    }
+                    if changed {
+                        let now = Instant::now();
+                        let first = self.batch.first().copied().unwrap_or(now);
+                        let synced = self.pending_sources.is_empty();
+                        due = Some(due_after_change(now, due, first, last_reconcile, synced));
+                    }
                 }
                 _ = resync_timer.tick() => {
                     if self.pending_sources.is_empty() || !self.snapshot.pods.is_empty() {
                         self.reconcile().await;
+                        last_reconcile = Some(Instant::now());
                     }
                 }
             }
@@ -179,4 +214,37 @@ fn local_pods<'a>(
         .endpoints
         .keys()
         .filter_map(|key| snapshot.pods.get(key).map(|pod| (key, pod)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_change_is_reconciled_at_once_and_a_burst_is_batched() {
+        let now = Instant::now();
+        let long_ago = now.checked_sub(Duration::from_secs(5));
+        // Idle and synced: at once.
+        assert_eq!(due_after_change(now, None, now, long_ago, true), now);
+        assert_eq!(due_after_change(now, None, now, None, true), now);
+        // Before every source has synced: the first lists are batched.
+        assert_eq!(
+            due_after_change(now, None, now, long_ago, false),
+            now + QUIET
+        );
+        // Right after a reconcile (a burst goes on): batched...
+        let just_now = now.checked_sub(Duration::from_millis(5));
+        assert_eq!(
+            due_after_change(now, None, now, just_now, true),
+            now + QUIET
+        );
+        // ...and never later than MAX_DELAY after the burst's first change.
+        let first = now
+            .checked_sub(MAX_DELAY.saturating_sub(Duration::from_millis(5)))
+            .unwrap();
+        assert_eq!(
+            due_after_change(now, Some(now), first, just_now, true),
+            first + MAX_DELAY
+        );
+    }
 }

@@ -261,11 +261,16 @@ impl Recorder {
             started,
             ..
         } = applied;
-        *self
-            .live
-            .addresses
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = address_owners(snapshot);
+        // Rebuilt in place: a second book beside the first would double its peak (a
+        // name pair for every pod of the cluster).
+        refill_address_owners(
+            &mut self
+                .live
+                .addresses
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            snapshot,
+        );
         self.live
             .tier_rules
             .write()
@@ -308,8 +313,11 @@ impl Recorder {
 }
 
 /// Who each pod and service address belongs to, as flow records name it.
-fn address_owners(snapshot: &Snapshot) -> BTreeMap<std::net::IpAddr, AddressOwner> {
-    let mut addresses = BTreeMap::new();
+fn refill_address_owners(
+    addresses: &mut BTreeMap<std::net::IpAddr, AddressOwner>,
+    snapshot: &Snapshot,
+) {
+    addresses.clear();
     for pod in snapshot.pods.values().filter(|p| p.takes_part()) {
         for ip in &pod.ips {
             let owner = AddressOwner {
@@ -330,7 +338,6 @@ fn address_owners(snapshot: &Snapshot) -> BTreeMap<std::net::IpAddr, AddressOwne
             addresses.entry(*ip).or_insert(owner);
         }
     }
-    addresses
 }
 
 fn gauge(count: usize) -> i64 {

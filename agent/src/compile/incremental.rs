@@ -22,10 +22,12 @@ mod tests;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use egret_common::{dns::DOMAIN_IDENTITY_BIT, maps::ENDPOINT_FLAG_DOMAINS};
 use ipnet::{IpNet, Ipv4Net};
+use smallvec::SmallVec;
 
 use super::{
     Compiled, EndpointEntry, Grants, IdentityIndex, IdentityKey, Layout, PolicyEntryKey,
@@ -41,13 +43,16 @@ use crate::{
 pub struct Compiler {
     scope: Scope,
     compiled: Compiled,
-    /// Pods that take part in policy, as last compiled.
-    pods: HashMap<ObjectKey, PodFacts>,
+    /// Pods that take part in policy, as last compiled. The keys are shared with
+    /// `claims`: this state is kept for every pod of the cluster, so it is kept small.
+    pods: HashMap<Arc<ObjectKey>, PodFacts>,
     /// Identity -> how many pods have it.
     identity_pods: BTreeMap<IdentityKey, usize>,
-    /// Address -> the pods claiming it, sorted; the first owns it. (A sorted `Vec`:
-    /// nearly every address has one claimant, and a set would allocate a whole node.)
-    claims: BTreeMap<IpAddr, Vec<ObjectKey>>,
+    /// Identity number -> identity.
+    identity_keys: HashMap<u32, IdentityKey>,
+    /// Address -> the pods claiming it, sorted; the first owns it (nearly every address
+    /// has one claimant, held inline).
+    claims: BTreeMap<IpAddr, SmallVec<[Arc<ObjectKey>; 1]>>,
     /// Addresses more than one pod claims.
     contested: BTreeSet<IpAddr>,
     /// Local pods -> the key of their table.
@@ -59,8 +64,9 @@ pub struct Compiler {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PodFacts {
-    identity: IdentityKey,
-    ips: Vec<IpAddr>,
+    /// The identity's number.
+    identity: u32,
+    ips: Box<[IpAddr]>,
 }
 
 impl Compiler {
@@ -76,6 +82,7 @@ impl Compiler {
             },
             pods: HashMap::new(),
             identity_pods: BTreeMap::new(),
+            identity_keys: HashMap::new(),
             claims: BTreeMap::new(),
             contested: BTreeSet::new(),
             local: BTreeMap::new(),
@@ -103,7 +110,18 @@ impl Compiler {
         self.primed = true;
         let ranked = Ranked::of(snapshot);
 
-        let moved = self.update_pods(snapshot, &changes.pods);
+        let moved = if changes.everything {
+            // Every pod, without a list of every key: the cluster may be large.
+            let gone: Vec<ObjectKey> = self
+                .pods
+                .keys()
+                .filter(|key| !snapshot.pods.contains_key(&***key))
+                .map(|key| ObjectKey::clone(key))
+                .collect();
+            self.update_pods(snapshot, snapshot.pods.keys().chain(&gone))
+        } else {
+            self.update_pods(snapshot, changes.pods.iter())
+        };
         let local_stale = self.update_local(snapshot, &ranked, changes);
         let stale = self.stale_layouts(snapshot, &ranked, changes, &moved);
         let relaid = self.relay(snapshot, &ranked, &stale, &local_stale);
@@ -123,8 +141,6 @@ impl Compiler {
             services: true,
             ..Changes::default()
         };
-        changes.pods.extend(self.pods.keys().cloned());
-        changes.pods.extend(snapshot.pods.keys().cloned());
         changes
             .namespaces
             .extend(snapshot.namespaces.keys().cloned());
@@ -136,54 +152,58 @@ impl Compiler {
     }
 
     /// Updates identities and address owners for the changed pods. Returns what moved.
-    fn update_pods(&mut self, snapshot: &Snapshot, changed: &BTreeSet<ObjectKey>) -> Moved {
+    fn update_pods<'k>(
+        &mut self,
+        snapshot: &Snapshot,
+        changed: impl Iterator<Item = &'k ObjectKey>,
+    ) -> Moved {
         let mut candidates: BTreeSet<IdentityKey> = BTreeSet::new();
         let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
+        // Pods that now take part, numbered once the identities are.
+        let mut joined: Vec<(Arc<ObjectKey>, IdentityKey, Box<[IpAddr]>)> = Vec::new();
         for key in changed {
             let now = snapshot
                 .pods
                 .get(key)
                 .filter(|pod| pod.takes_part())
-                .map(|pod| PodFacts {
-                    identity: IdentityKey::of(pod),
-                    ips: pod.ips.clone(),
-                });
-            let before = self.pods.remove(key);
-            if before == now {
-                if let Some(facts) = before {
-                    self.pods.insert(key.clone(), facts);
-                }
+                .map(|pod| (IdentityKey::of(pod), pod.ips.clone().into_boxed_slice()));
+            if let (Some(before), Some((identity, ips))) = (self.pods.get(key), &now)
+                && before.ips == *ips
+                && self.identity_keys.get(&before.identity) == Some(identity)
+            {
                 continue;
             }
-            if let Some(before) = before {
-                if let Some(count) = self.identity_pods.get_mut(&before.identity) {
+            if let Some((key, before)) = self.pods.remove_entry(key) {
+                let identity = self.identity_keys[&before.identity].clone();
+                if let Some(count) = self.identity_pods.get_mut(&identity) {
                     *count -= 1;
                     if *count == 0 {
-                        self.identity_pods.remove(&before.identity);
+                        self.identity_pods.remove(&identity);
                     }
                 }
                 for ip in &before.ips {
                     if let Some(claimants) = self.claims.get_mut(ip) {
-                        claimants.retain(|claimant| claimant != key);
+                        claimants.retain(|claimant| *claimant != key);
                         if claimants.is_empty() {
                             self.claims.remove(ip);
                         }
                     }
                     touched.insert(*ip);
                 }
-                candidates.insert(before.identity);
+                candidates.insert(identity);
             }
-            if let Some(now) = now {
-                *self.identity_pods.entry(now.identity.clone()).or_default() += 1;
-                for ip in &now.ips {
+            if let Some((identity, ips)) = now {
+                let key = Arc::new(key.clone());
+                *self.identity_pods.entry(identity.clone()).or_default() += 1;
+                for ip in &ips {
                     let claimants = self.claims.entry(*ip).or_default();
-                    if let Err(at) = claimants.binary_search(key) {
-                        claimants.insert(at, key.clone());
+                    if let Err(at) = claimants.binary_search(&key) {
+                        claimants.insert(at, Arc::clone(&key));
                     }
                     touched.insert(*ip);
                 }
-                candidates.insert(now.identity.clone());
-                self.pods.insert(key.clone(), now);
+                candidates.insert(identity.clone());
+                joined.push((key, identity, ips));
             }
         }
         let allocator = &mut self.compiled.ids.identities;
@@ -191,7 +211,19 @@ impl Compiler {
             .into_iter()
             .filter(|key| allocator.contains(key) != self.identity_pods.contains_key(key))
             .partition(|key| allocator.contains(key));
+        for key in &removed {
+            if let Some(number) = allocator.get(key) {
+                self.identity_keys.remove(&number);
+            }
+        }
         allocator.advance(&removed, added.iter().cloned(), 1);
+        for key in &added {
+            self.identity_keys.insert(allocator.id(key), key.clone());
+        }
+        for (key, identity, ips) in joined {
+            let identity = allocator.id(&identity);
+            self.pods.insert(key, PodFacts { identity, ips });
+        }
 
         let table = &mut self.compiled.tables.identities;
         for ip in &touched {
@@ -202,9 +234,9 @@ impl Compiler {
                 self.contested.remove(ip);
             }
             let owner = claimants.and_then(|claimants| claimants.first());
-            match owner.and_then(|owner| self.pods.get(owner)) {
+            match owner.and_then(|owner| self.pods.get(&**owner)) {
                 Some(facts) => {
-                    table.insert(*ip, allocator.id(&facts.identity));
+                    table.insert(*ip, facts.identity);
                 }
                 None => {
                     table.remove(ip);
@@ -229,6 +261,7 @@ impl Compiler {
             .filter_map(|ip| Some((ip, self.claims.get(ip)?)))
             .flat_map(|(ip, claimants)| {
                 claimants.iter().skip(1).map(move |pod| {
+                    let pod: &ObjectKey = pod;
                     let position = self.pods[pod].ips.iter().position(|i| i == ip);
                     (pod, position.unwrap_or(usize::MAX), *ip)
                 })
@@ -517,7 +550,7 @@ impl Compiler {
         self.claims
             .iter()
             .filter_map(|(ip, claimants)| {
-                let owner = claimants.first()?;
+                let owner: &ObjectKey = claimants.first()?;
                 Some((*ip, snapshot.pods.get(owner)?))
             })
             .collect()

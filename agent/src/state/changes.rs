@@ -35,6 +35,9 @@ impl Changes {
 
     /// `object` was written (added or replaced).
     pub fn object(&mut self, object: &Object) {
+        if self.everything {
+            return;
+        }
         match object {
             Object::Namespace(namespace) => {
                 self.namespaces.insert(namespace.name.clone());
@@ -52,6 +55,9 @@ impl Changes {
 
     /// The object `id` names was written or deleted.
     pub fn id(&mut self, id: &ObjectId) {
+        if self.everything {
+            return;
+        }
         let key = &id.key;
         match id.kind {
             "Namespace" => {
@@ -73,21 +79,20 @@ impl Changes {
         }
     }
 
-    /// Every object of `kind` in `snapshot` (before a list replaces them all).
-    pub fn kind(&mut self, kind: &str, snapshot: &Snapshot) {
-        match kind {
-            "Namespace" => self.namespaces.extend(snapshot.namespaces.keys().cloned()),
-            "Pod" => self.pods.extend(snapshot.pods.keys().cloned()),
-            "NetworkPolicy" => self.policies.extend(snapshot.policies.keys().cloned()),
-            "ClusterNetworkPolicy" => self.cluster_policies = true,
-            "Service" | "EndpointSlice" => self.services = true,
-            _ => {}
-        }
+    /// A list replaced every object of a kind (the first list, or a re-list after the
+    /// watch was lost): compile everything rather than note every object.
+    pub fn relisted(&mut self) {
+        *self = Self::everything();
     }
 
     /// What differs between two snapshots (a source that replaces the whole of it).
     #[must_use]
     pub fn between(before: &Snapshot, after: &Snapshot) -> Self {
+        if before.pods.is_empty() && before.policies.is_empty() {
+            // The first read: everything is new, and noting each key would only hold a
+            // copy of every one of them until the compile.
+            return Self::everything();
+        }
         Self {
             everything: false,
             pods: differing(&before.pods, &after.pods),
@@ -100,7 +105,10 @@ impl Changes {
     }
 
     pub fn absorb(&mut self, other: Changes) {
-        self.everything |= other.everything;
+        if self.everything || other.everything {
+            *self = Self::everything();
+            return;
+        }
         self.pods.extend(other.pods);
         self.namespaces.extend(other.namespaces);
         self.policies.extend(other.policies);

@@ -830,11 +830,12 @@ fn flow_row(flow: &FlowRecord) -> Vec<String> {
         (None, true) => "-".to_owned(),
     };
     if let Some(domain) = &flow.domain {
-        match (&domain.name, domain.state) {
-            (Some(name), DomainState::Learnt) => decided_by.push_str(&format!(" via {name}")),
-            (Some(name), _) => decided_by.push_str(&format!(" ({name} {})", domain.state.name())),
-            (None, state) => decided_by.push_str(&format!(" ({})", state.name())),
-        }
+        let note = match (&domain.name, domain.state) {
+            (Some(name), DomainState::Learnt) => format!(" via {name}"),
+            (Some(name), state) => format!(" ({name} {})", state.name()),
+            (None, state) => format!(" ({})", state.name()),
+        };
+        decided_by.push_str(&note);
     }
     vec![
         flow.time.to_string(),

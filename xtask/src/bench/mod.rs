@@ -36,6 +36,8 @@ pub enum Stage {
     Datapath,
     /// `agent/benches/control_plane.rs`.
     ControlPlane,
+    /// `agent/benches/dns.rs`: what `domainNames` rules add per packet.
+    Dns,
     /// The agent's memory through the Kubernetes source and manifests.
     Memory,
     /// Throughput through a node with Egret, iptables + ipset and nftables.
@@ -50,6 +52,7 @@ impl Stage {
             Stage::Compile => "compile",
             Stage::Datapath => "datapath",
             Stage::ControlPlane => "control_plane",
+            Stage::Dns => "dns",
             Stage::Memory => "memory",
             Stage::Throughput => "throughput",
             Stage::AgentLatency => "agent_latency",
@@ -69,7 +72,7 @@ pub fn run_stage(stage: Stage, quick: bool) -> anyhow::Result<()> {
     let load_before = load_average();
     let started = Instant::now();
     let results = match stage {
-        Stage::Compile | Stage::Datapath | Stage::ControlPlane => {
+        Stage::Compile | Stage::Datapath | Stage::ControlPlane | Stage::Dns => {
             cargo_bench(stage.name(), &["--no-run"])?;
             let quick_arg: &[&str] = if quick { &["--", "--quick"] } else { &[] };
             cargo_bench(stage.name(), quick_arg)?
@@ -239,7 +242,7 @@ fn date() -> String {
 }
 
 /// The benchmark binaries of the `egret` package, in the order they run.
-const BENCHES: [&str; 3] = ["compile", "datapath", "control_plane"];
+const BENCHES: [&str; 4] = ["compile", "datapath", "dns", "control_plane"];
 
 /// Runs `cargo bench -p egret --bench NAME ARGS` and returns its JSON lines.
 fn cargo_bench(name: &str, args: &[&str]) -> anyhow::Result<Vec<Value>> {

@@ -8,6 +8,7 @@ use serde_json::Value;
 use super::Summary;
 
 mod agent_latency;
+mod dns;
 mod memory;
 
 pub struct Context {
@@ -165,6 +166,7 @@ pub fn render(context: &Context, results: &[Value]) -> String {
     packet_costs(&mut out, results);
     paths(&mut out, results);
     conntrack_pressure(&mut out, results);
+    dns::table(&mut out, results);
     throughput(&mut out, results);
     control_plane(&mut out, results);
     out

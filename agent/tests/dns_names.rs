@@ -276,6 +276,15 @@ impl Zone {
             .collect()
     }
 
+    /// `egret <args>` against the agent, as a person reads it.
+    fn text(&self, agent: &AgentProcess, args: &[&str]) -> String {
+        let output = agent
+            .command(&self.site.topology, args)
+            .output()
+            .expect("egret runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     fn status(&self, agent: &AgentProcess) -> Value {
         self.ask(agent, &["status"]).pop().unwrap_or(Value::Null)
     }
@@ -527,6 +536,51 @@ fn resolved_names_connect_at_once_and_nothing_else_does() {
         );
     }
     assert_eq!(listed.len(), 5, "and nothing else: {listed:?}");
+
+    // The same, as a person reads it.
+    let status = zone.text(&agent, &["status"]);
+    let header = status
+        .lines()
+        .find(|line| line.starts_with("ENDPOINT") && line.contains("ADDRESS"))
+        .unwrap_or_else(|| panic!("status has a table of learnt names:\n{status}"));
+    common::assert_table_aligned(&status, header, &["TTL"]);
+    let web = zone.host("web").ipv4().to_string();
+    assert!(
+        status.lines().any(|line| line.contains("shop/client")
+            && line.contains("*.svc.example.test")
+            && line.contains(&web)
+            && line.contains(" for ")),
+        "status lists web's address with its time left:\n{status}"
+    );
+    let to_web = [
+        "explain",
+        "--from",
+        "shop/client",
+        "--to",
+        &web,
+        "--port",
+        "8080",
+    ];
+    let explained = zone.text(&agent, &to_web);
+    assert!(
+        explained.contains("*.svc.example.test answered this address"),
+        "{explained}"
+    );
+    let parent = zone.host("parent").ipv4().to_string();
+    let to_parent = [
+        "explain",
+        "--from",
+        "shop/client",
+        "--to",
+        &parent,
+        "--port",
+        "8080",
+    ];
+    let explained = zone.text(&agent, &to_parent);
+    assert!(
+        explained.contains("no DNS answer for the pod's domainNames gave it this address"),
+        "{explained}"
+    );
     drop(agent);
 }
 

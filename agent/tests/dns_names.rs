@@ -479,8 +479,14 @@ fn resolved_names_connect_at_once_and_nothing_else_does() {
         "egret_dns_addresses_learnt_total counts api, web, chained, edge, tcp: {learnt}"
     );
 
-    // explain, the flow log and status name the name behind an address, or its absence.
-    let allowed = zone.explain(&agent, "web");
+    names_are_visible(&zone, &agent);
+    drop(agent);
+}
+
+/// explain, the flow log and status name the name behind an address, or its absence,
+/// after [`resolved_names_connect_at_once_and_nothing_else_does`]'s lookups.
+fn names_are_visible(zone: &Zone, agent: &AgentProcess) {
+    let allowed = zone.explain(agent, "web");
     assert_eq!(allowed["verdict"], "allow", "{allowed}");
     assert_eq!(allowed["domain"]["name"], "*.svc.example.test", "{allowed}");
     assert_eq!(allowed["domain"]["state"], "learnt", "{allowed}");
@@ -490,10 +496,10 @@ fn resolved_names_connect_at_once_and_nothing_else_does() {
             .is_some_and(|rule| rule.contains("names egress[1] (api)")),
         "{allowed}"
     );
-    let parent = zone.explain(&agent, "parent");
+    let parent = zone.explain(agent, "parent");
     assert_eq!(parent["verdict"], "deny", "{parent}");
     assert_eq!(parent["domain"]["state"], "not_resolved", "{parent}");
-    let flows = zone.flows_to(&agent, "api", "allow");
+    let flows = zone.flows_to(agent, "api", "allow");
     assert!(
         flows
             .iter()
@@ -502,14 +508,14 @@ fn resolved_names_connect_at_once_and_nothing_else_does() {
                 && flow["rule"] == "names egress[1] (api)"),
         "an allowed flow to api names api.example.test: {flows:?}"
     );
-    let flows = zone.flows_to(&agent, "other", "deny");
+    let flows = zone.flows_to(agent, "other", "deny");
     assert!(
         flows
             .iter()
             .any(|flow| flow["domain"]["state"] == "not_resolved"),
         "a denied flow to other says no name gave it: {flows:?}"
     );
-    let status = zone.status(&agent);
+    let status = zone.status(agent);
     let client = &status["endpoints"][0];
     let listed: Vec<(String, String)> = client["learnt"]
         .as_array()
@@ -538,7 +544,7 @@ fn resolved_names_connect_at_once_and_nothing_else_does() {
     assert_eq!(listed.len(), 5, "and nothing else: {listed:?}");
 
     // The same, as a person reads it.
-    let status = zone.text(&agent, &["status"]);
+    let status = zone.text(agent, &["status"]);
     let header = status
         .lines()
         .find(|line| line.starts_with("ENDPOINT") && line.contains("ADDRESS"))
@@ -561,7 +567,7 @@ fn resolved_names_connect_at_once_and_nothing_else_does() {
         "--port",
         "8080",
     ];
-    let explained = zone.text(&agent, &to_web);
+    let explained = zone.text(agent, &to_web);
     assert!(
         explained.contains("*.svc.example.test answered this address"),
         "{explained}"
@@ -576,12 +582,11 @@ fn resolved_names_connect_at_once_and_nothing_else_does() {
         "--port",
         "8080",
     ];
-    let explained = zone.text(&agent, &to_parent);
+    let explained = zone.text(agent, &to_parent);
     assert!(
         explained.contains("no DNS answer for the pod's domainNames gave it this address"),
         "{explained}"
     );
-    drop(agent);
 }
 
 #[test]

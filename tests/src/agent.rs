@@ -89,6 +89,23 @@ impl AgentProcess {
         Self::spawn(topology, binary, source, pin_dir, args, "egret=debug,info")
     }
 
+    /// [`AgentProcess::start_with_kubeconfig`] with `log_filter` as the agent's
+    /// `RUST_LOG`.
+    ///
+    /// # Errors
+    /// When the process cannot be started.
+    pub fn start_with_kubeconfig_logging(
+        topology: &Topology,
+        binary: &Path,
+        kubeconfig: &Path,
+        pin_dir: &Path,
+        args: &[&str],
+        log_filter: &str,
+    ) -> anyhow::Result<Self> {
+        let source = ("--kubeconfig", kubeconfig);
+        Self::spawn(topology, binary, source, pin_dir, args, log_filter)
+    }
+
     fn spawn(
         topology: &Topology,
         binary: &Path,

@@ -37,6 +37,7 @@ pub mod frames;
 mod listener;
 pub mod manifests;
 mod netns;
+pub mod pinned;
 mod probe;
 mod topology;
 

@@ -1,13 +1,21 @@
-//! Change latency as the agent itself measures it: `egret run` on a manifest directory
-//! of a generated cluster (10k pods and 1k policies; 100k and 10k in a full run), in a
-//! node namespace whose 100 local pods are real (namespaces and veths). After its first
-//! sync, a sequence of changes goes through the directory, each awaited before the
-//! next: policy p0, which selects a local pod, gains or loses a port; a replica of a
-//! deployment joins on another node, then leaves. p50 and p99 come from the agent's
-//! own `egret_programming_latency_seconds` histogram (the bucket deltas around each
+//! Change latency as the agent itself measures it: `egret run` on a generated cluster
+//! (10k pods and 1k policies; 100k and 10k in a full run), in a node namespace whose
+//! 100 local pods are real (namespaces and veths), read two ways: from a manifest
+//! directory, and through the Kubernetes source (`--kubeconfig`) from the list/watch
+//! test server, the production path. After its first sync, a sequence of changes is
+//! made, each awaited and followed by a pause, so that each is a lone change: policy
+//! p0, which selects a local pod, gains or loses a port; a replica of a deployment
+//! joins on another node, then leaves. Through manifests each is a file renamed into
+//! or removed from the directory; through the API server, a watch event (`MODIFIED`,
+//! `ADDED`, `DELETED`) on the open watch. p50 and p99 come from the agent's own
+//! `egret_programming_latency_seconds` histogram (the bucket deltas around each
 //! change, interpolated within a bucket as Prometheus' `histogram_quantile` does);
 //! next to them, the time the reconciles themselves took (`reconcile_duration`), and
-//! the time from a file's rename to the histogram counting it, seen from outside.
+//! the time from the change (the rename, the event's write) to the kernel holding it,
+//! seen from outside in the maps the agent pinned ([`kernel`]).
+
+mod histogram;
+mod kernel;
 
 use std::{
     collections::BTreeMap,
@@ -18,11 +26,17 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use egret_testbed::{
-    Topology, agent::AgentProcess, cluster::GeneratedCluster, manifests::write_file,
+    Topology,
+    agent::AgentProcess,
+    apiserver::{ClusterApiServer, ClusterChange},
+    cluster::GeneratedCluster,
+    manifests::write_file,
 };
+use histogram::Histogram;
+use kernel::KernelView;
 use serde_json::{Value, json};
 
-use super::{Scale, ScratchDir, wait_for};
+use super::{Scale, ScratchDir, memory::Source, wait_for};
 
 /// The agent logs this once its first full reconcile is in the kernel.
 const READY_LOG: &str = "first full sync programmed";
@@ -32,45 +46,197 @@ const METRICS: ([u8; 4], u16) = ([127, 0, 0, 1], 9090);
 const JOINING_DEPLOYMENT: usize = 5;
 /// The changes of one round, in order.
 const CHANGES: [&str; 3] = ["policy_edit", "pod_join", "pod_leave"];
+/// The kinds the test server serves and the agent watches (its `ClusterNetworkPolicy`
+/// path answers `404`, so that kind is not watched): the bench changes nothing before
+/// every watch is open, or an event would wait for a watch to open.
+const SERVED_KINDS: usize = 5;
+/// The outside clock looks at the pinned maps this often (two or three lookups).
+const KERNEL_POLL: Duration = Duration::from_micros(200);
+/// After each change is counted, the next waits this long: one change to the kernel is
+/// a lone change, which finds the agent idle (it batches changes that follow a
+/// reconcile within 200 ms, as a burst).
+const GAP: Duration = Duration::from_millis(300);
 
 pub fn run(agent: &Path, scale: Scale) -> anyhow::Result<Vec<Value>> {
-    // (pods, policies, rounds): every change at 100k re-reads the whole directory
-    // (over 10 s a change on two cores), so few rounds there.
-    let sizes: &[(usize, usize, usize)] = if scale.quick {
-        &[(10_000, 1_000, 10)]
+    // (source, pods, policies, rounds): through manifests every change at 100k
+    // re-reads the whole directory (over 10 s a change on two cores), so few rounds
+    // there; a watch event costs what the change costs.
+    let sizes: &[(Source, usize, usize, usize)] = if scale.quick {
+        &[
+            (Source::Manifests, 10_000, 1_000, 10),
+            (Source::Kubernetes, 10_000, 1_000, 30),
+        ]
     } else {
-        &[(10_000, 1_000, 30), (100_000, 10_000, 4)]
+        &[
+            (Source::Manifests, 10_000, 1_000, 30),
+            (Source::Manifests, 100_000, 10_000, 4),
+            (Source::Kubernetes, 10_000, 1_000, 30),
+            (Source::Kubernetes, 100_000, 10_000, 20),
+        ]
     };
     let mut results = Vec::new();
-    for &(pods, policies, rounds) in sizes {
+    for &(source, pods, policies, rounds) in sizes {
         let cluster = GeneratedCluster::new(pods, policies);
-        results.extend(measure(agent, &cluster, rounds)?);
+        let rows = measure(agent, &cluster, source, rounds)
+            .with_context(|| format!("{pods} pods through {}", source.name()))?;
+        if let Some(all) = rows.iter().find(|row| row["change"] == "all") {
+            eprintln!(
+                "bench: agent change latency, {pods} pods through {}: p50 {} ms, p99 {} ms, outside p99 {} ms",
+                source.name(),
+                all["p50_ms"],
+                all["p99_ms"],
+                all["outside_p99_ms"]
+            );
+        }
+        results.extend(rows);
     }
     Ok(results)
 }
 
-fn measure(agent: &Path, cluster: &GeneratedCluster, rounds: usize) -> anyhow::Result<Vec<Value>> {
+/// Where the changes go: the directory the agent reads, or the API server it watches.
+enum Feed<'a> {
+    Directory(&'a Path),
+    ApiServer(&'a ClusterApiServer),
+}
+
+impl Feed<'_> {
+    /// Makes `change` of round `round`. Through the directory each file appears or goes
+    /// by one rename or unlink; through the API server, one watch event is written.
+    fn make(&self, change: &str, round: usize, cluster: &GeneratedCluster) -> anyhow::Result<()> {
+        // Ports 9001 and 9002 in turn: every edit changes the local pod's entries.
+        let revision = u32::try_from(round % 2 + 1)?;
+        match self {
+            Feed::Directory(dir) => match change {
+                "policy_edit" => write_file(dir, "p0.yaml", &cluster.policy_yaml(0, revision)),
+                "pod_join" => write_file(
+                    dir,
+                    "joined.yaml",
+                    &cluster.joining_pod_yaml(JOINING_DEPLOYMENT, 0),
+                ),
+                "pod_leave" => {
+                    std::fs::remove_file(dir.join("joined.yaml")).context("removing the joined pod")
+                }
+                other => bail!("no such change: {other}"),
+            },
+            Feed::ApiServer(server) => {
+                let (deployment, ordinal) = (JOINING_DEPLOYMENT, 0);
+                let change = match change {
+                    "policy_edit" => ClusterChange::PolicyRevised {
+                        policy: 0,
+                        revision,
+                    },
+                    "pod_join" => ClusterChange::PodJoined {
+                        deployment,
+                        ordinal,
+                    },
+                    "pod_leave" => ClusterChange::PodLeft {
+                        deployment,
+                        ordinal,
+                    },
+                    other => bail!("no such change: {other}"),
+                };
+                server.change(&change).map(|_| ())
+            }
+        }
+    }
+}
+
+fn measure(
+    agent: &Path,
+    cluster: &GeneratedCluster,
+    source: Source,
+    rounds: usize,
+) -> anyhow::Result<Vec<Value>> {
     let topology = Topology::new()?;
     for (n, index) in cluster.local_indexes().enumerate() {
         let (_, name) = GeneratedCluster::pod_key(index);
         let ipv6 = Ipv6Addr::new(0xfd00, 0xbe, 0, 0, 0, 0, 0, u16::try_from(n + 1)?);
         topology.add_pod(&name, GeneratedCluster::pod_ipv4(index), ipv6)?;
     }
-    let manifests = ScratchDir::new("agent-latency")?;
-    let dir = manifests.path();
-    write_file(dir, "cluster.yaml", &cluster_but_p0(cluster))?;
-    write_file(dir, "p0.yaml", &cluster.policy_yaml(0, 0))?;
-
+    let scratch = ScratchDir::new("agent-latency")?;
+    let dir = scratch.path();
     let pin_dir = AgentProcess::unique_pin_dir();
+    // The API server is kept until the agent stops: it holds the agent's watches open.
+    let (process, api_server) = start(agent, &topology, cluster, source, dir, &pin_dir)?;
+    let feed = match &api_server {
+        Some(server) => Feed::ApiServer(server),
+        None => Feed::Directory(dir),
+    };
+    let subject = cluster
+        .local_indexes()
+        .position(|index| index == kernel::P0_SUBJECT)
+        .and_then(|n| topology.pods().get(n).map(egret_testbed::Pod::host_ifindex))
+        .context("p0's pod is not local")?;
+    let kernel = KernelView::open(&pin_dir, subject)?;
+    let by_change = changes(&topology, &process, &feed, &kernel, cluster, rounds)?;
+    let events = api_server.as_ref().map(|server| {
+        server
+            .served()
+            .events
+            .load(std::sync::atomic::Ordering::Relaxed)
+    });
+    drop(process);
+    drop(api_server);
+    if pin_dir.exists() {
+        let _ = std::fs::remove_dir_all(&pin_dir);
+    }
+    if let Some(events) = events {
+        // Each change reached the agent as one event, on the watch it had open.
+        ensure!(
+            events == rounds * CHANGES.len(),
+            "the API server wrote {events} watch events for {} changes",
+            rounds * CHANGES.len()
+        );
+    }
+
+    let mut all = Observed::default();
+    for observed in by_change.values() {
+        all.merge(observed);
+    }
+    let context = RowContext { source, cluster };
+    let rows = by_change
+        .iter()
+        .map(|(change, observed)| (*change, observed))
+        .chain(std::iter::once(("all", &all)))
+        .map(|(change, observed)| observed.row(change, &context))
+        .collect();
+    Ok(rows)
+}
+
+/// Starts the agent on `source` in the node namespace of `topology` and waits until it
+/// has programmed its first sync, attached to every local pod and (Kubernetes source)
+/// opened its watches. Returns it with the API server it reads (Kubernetes source).
+fn start(
+    agent: &Path,
+    topology: &Topology,
+    cluster: &GeneratedCluster,
+    source: Source,
+    dir: &Path,
+    pin_dir: &Path,
+) -> anyhow::Result<(AgentProcess, Option<ClusterApiServer>)> {
     let metrics_addr = std::net::SocketAddr::from(METRICS).to_string();
-    let mut process = AgentProcess::start_logging(
-        &topology,
-        agent,
-        dir,
-        &pin_dir,
-        &["--metrics-addr", &metrics_addr, "--resync-seconds", "3600"],
-        "info",
-    )?;
+    let args = ["--metrics-addr", &metrics_addr, "--resync-seconds", "3600"];
+    let mut api_server = None;
+    let mut process = match source {
+        Source::Manifests => {
+            write_file(dir, "cluster.yaml", &cluster_but_p0(cluster))?;
+            write_file(dir, "p0.yaml", &cluster.policy_yaml(0, 0))?;
+            AgentProcess::start_logging(topology, agent, dir, pin_dir, &args, "info")?
+        }
+        Source::Kubernetes => {
+            let server = ClusterApiServer::start(topology.node_netns(), cluster)?;
+            let kubeconfig = server.write_kubeconfig(dir)?;
+            api_server = Some(server);
+            AgentProcess::start_with_kubeconfig_logging(
+                topology,
+                agent,
+                &kubeconfig,
+                pin_dir,
+                &args,
+                "info",
+            )?
+        }
+    };
     if !wait_for(Duration::from_mins(5), || process.log().contains(READY_LOG)) {
         bail!(
             "the agent did not report its first sync ({READY_LOG:?}):\n{}",
@@ -83,37 +249,54 @@ fn measure(agent: &Path, cluster: &GeneratedCluster, rounds: usize) -> anyhow::R
         .map(egret_testbed::Pod::host_ifindex)
         .collect();
     process.wait_attached(&ifindexes, Duration::from_mins(1))?;
-
-    let mut by_change: BTreeMap<&str, Observed> = BTreeMap::new();
-    let mut before = scrape(&topology)?;
-    for round in 0..rounds {
-        for change in CHANGES {
-            let started = Instant::now();
-            make(change, round, cluster, dir)?;
-            let after = await_programmed(&topology, &before, &process)?;
-            let outside = started.elapsed();
-            let observed = by_change.entry(change).or_default();
-            observed.add(&after.since(&before));
-            observed.outside_ms.push(outside.as_secs_f64() * 1e3);
-            before = after;
+    if let Some(server) = &api_server {
+        // A watcher lists, reports the list, then opens its watch.
+        if !wait_for(Duration::from_secs(30), || {
+            server.open_watches() >= SERVED_KINDS
+        }) {
+            bail!(
+                "the agent opened {} of {SERVED_KINDS} watches within 30 s:\n{}",
+                server.open_watches(),
+                process.log()
+            );
         }
     }
-    drop(process);
-    if pin_dir.exists() {
-        let _ = std::fs::remove_dir_all(&pin_dir);
-    }
+    Ok((process, api_server))
+}
 
-    let mut all = Observed::default();
-    for observed in by_change.values() {
-        all.merge(observed);
+/// Makes `rounds` rounds of [`CHANGES`] through `feed`, each awaited before the next
+/// and followed by [`GAP`]; what the agent's histograms and the outside clock saw, by
+/// change.
+fn changes(
+    topology: &Topology,
+    process: &AgentProcess,
+    feed: &Feed<'_>,
+    kernel: &KernelView,
+    cluster: &GeneratedCluster,
+    rounds: usize,
+) -> anyhow::Result<BTreeMap<&'static str, Observed>> {
+    let mut by_change: BTreeMap<&str, Observed> = BTreeMap::new();
+    let mut before = scrape(topology)?;
+    for round in 0..rounds {
+        for change in CHANGES {
+            ensure!(
+                !kernel.holds(change, round)?,
+                "the kernel holds {change} of round {round} before it was made"
+            );
+            let started = Instant::now();
+            feed.make(change, round, cluster)?;
+            let outside = await_kernel(kernel, change, round, process)?;
+            let after = await_counted(topology, &before, process)?;
+            let observed = by_change.entry(change).or_default();
+            observed.add(&after.since(&before));
+            observed
+                .outside_ms
+                .push(outside.duration_since(started).as_secs_f64() * 1e3);
+            before = after;
+            std::thread::sleep(GAP);
+        }
     }
-    let rows = by_change
-        .iter()
-        .map(|(change, observed)| (*change, observed))
-        .chain(std::iter::once(("all", &all)))
-        .map(|(change, observed)| observed.row(change, cluster))
-        .collect();
-    Ok(rows)
+    Ok(by_change)
 }
 
 /// Every object of the cluster but policy p0, which lives in a file of its own.
@@ -131,33 +314,35 @@ fn cluster_but_p0(cluster: &GeneratedCluster) -> String {
     yaml
 }
 
-/// One change through the directory: each file appears or goes by one rename or unlink.
-fn make(change: &str, round: usize, cluster: &GeneratedCluster, dir: &Path) -> anyhow::Result<()> {
-    match change {
-        // Ports 9001 and 9002 in turn: every edit changes the local pod's entries.
-        "policy_edit" => {
-            let revision = u32::try_from(round % 2 + 1)?;
-            write_file(dir, "p0.yaml", &cluster.policy_yaml(0, revision))
+/// Polls the pinned maps every [`KERNEL_POLL`] until the kernel holds `change`; when
+/// it first did.
+fn await_kernel(
+    kernel: &KernelView,
+    change: &str,
+    round: usize,
+    process: &AgentProcess,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_mins(2);
+    while Instant::now() < deadline {
+        if kernel.holds(change, round)? {
+            return Ok(Instant::now());
         }
-        "pod_join" => write_file(
-            dir,
-            "joined.yaml",
-            &cluster.joining_pod_yaml(JOINING_DEPLOYMENT, 0),
-        ),
-        "pod_leave" => {
-            std::fs::remove_file(dir.join("joined.yaml")).context("removing the joined pod")
-        }
-        other => bail!("no such change: {other}"),
+        std::thread::sleep(KERNEL_POLL);
     }
+    bail!(
+        "the kernel did not hold {change} of round {round} within 2 minutes:\n{}",
+        process.log()
+    )
 }
 
-/// Polls `/metrics` until the histogram has counted one more change.
-fn await_programmed(
+/// Polls `/metrics` until the histogram has counted one more change (the agent
+/// records it right after its maps and links are written).
+fn await_counted(
     topology: &Topology,
     before: &Scrape,
     process: &AgentProcess,
 ) -> anyhow::Result<Scrape> {
-    let deadline = Instant::now() + Duration::from_mins(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Ok(now) = scrape(topology)
             && now.latency.count > before.latency.count
@@ -167,7 +352,7 @@ fn await_programmed(
         std::thread::sleep(Duration::from_millis(5));
     }
     bail!(
-        "the agent did not program a change within 2 minutes:\n{}",
+        "the agent did not count a change the kernel holds within 30 s:\n{}",
         process.log()
     )
 }
@@ -210,97 +395,10 @@ fn scrape(topology: &Topology) -> anyhow::Result<Scrape> {
     Ok(scrape)
 }
 
-/// A Prometheus histogram: cumulative counts by upper bound (seconds, `+Inf` last).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Histogram {
-    pub buckets: Vec<(f64, u64)>,
-    pub sum: f64,
-    pub count: u64,
-}
-
-impl Histogram {
-    /// The histogram `name` from a text exposition page; empty when absent.
-    pub fn parse(page: &str, name: &str) -> Self {
-        let mut histogram = Histogram::default();
-        let bucket = format!("{name}_bucket{{le=\"");
-        for line in page.lines() {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            if let Some(bound) = series.strip_prefix(&bucket) {
-                let bound = bound.trim_end_matches("\"}");
-                let bound = if bound == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    bound.parse().unwrap_or(f64::NAN)
-                };
-                if let Ok(count) = value.parse() {
-                    histogram.buckets.push((bound, count));
-                }
-            } else if series == format!("{name}_sum") {
-                histogram.sum = value.parse().unwrap_or(0.0);
-            } else if series == format!("{name}_count") {
-                histogram.count = value.parse().unwrap_or(0);
-            }
-        }
-        histogram
-    }
-
-    /// What was observed between `earlier` and this scrape of the same histogram.
-    pub fn since(&self, earlier: &Histogram) -> Histogram {
-        let before: BTreeMap<u64, u64> = earlier
-            .buckets
-            .iter()
-            .map(|(bound, count)| (bound.to_bits(), *count))
-            .collect();
-        Histogram {
-            buckets: self
-                .buckets
-                .iter()
-                .map(|(bound, count)| {
-                    let earlier = before.get(&bound.to_bits()).copied().unwrap_or(0);
-                    (*bound, count.saturating_sub(earlier))
-                })
-                .collect(),
-            sum: self.sum - earlier.sum,
-            count: self.count.saturating_sub(earlier.count),
-        }
-    }
-
-    /// Adds the observations of `other` (same buckets).
-    pub fn add(&mut self, other: &Histogram) {
-        if self.buckets.is_empty() {
-            self.buckets = other.buckets.iter().map(|(bound, _)| (*bound, 0)).collect();
-        }
-        for ((_, count), (_, more)) in self.buckets.iter_mut().zip(&other.buckets) {
-            *count += more;
-        }
-        self.sum += other.sum;
-        self.count += other.count;
-    }
-
-    /// The `q` quantile (seconds), linear within its bucket, and that bucket's bounds;
-    /// in the `+Inf` bucket, the last finite bound (a floor).
-    pub fn quantile(&self, q: f64) -> Option<(f64, (f64, f64))> {
-        let total = self.buckets.last()?.1;
-        if total == 0 {
-            return None;
-        }
-        let rank = q * as_f64(total);
-        let (mut lower, mut below) = (0.0, 0);
-        for &(bound, cumulative) in &self.buckets {
-            if as_f64(cumulative) >= rank {
-                if bound.is_infinite() {
-                    return Some((lower, (lower, bound)));
-                }
-                let in_bucket = as_f64(cumulative - below);
-                let fraction = (rank - as_f64(below)) / in_bucket;
-                return Some((lower + (bound - lower) * fraction, (lower, bound)));
-            }
-            (lower, below) = (bound, cumulative);
-        }
-        None
-    }
+/// What every row of one measurement shares.
+struct RowContext<'a> {
+    source: Source,
+    cluster: &'a GeneratedCluster,
 }
 
 /// What the agent's histograms and the outside clock saw for one kind of change.
@@ -323,7 +421,8 @@ impl Observed {
         self.outside_ms.extend_from_slice(&other.outside_ms);
     }
 
-    fn row(&self, change: &str, cluster: &GeneratedCluster) -> Value {
+    fn row(&self, change: &str, context: &RowContext<'_>) -> Value {
+        let cluster = context.cluster;
         let ms = |seconds: f64| seconds * 1e3;
         let quantile = |q| {
             self.latency
@@ -334,6 +433,7 @@ impl Observed {
         let (p99, p99_bucket) = quantile(0.99).unzip();
         json!({
             "bench": "agent_change_latency",
+            "source": context.source.name(),
             "change": change,
             "pods": cluster.pods,
             "policies": cluster.policies,
@@ -348,6 +448,9 @@ impl Observed {
             "reconcile_mean_ms": mean_ms(&self.reconcile),
             "outside_p50_ms": nearest_rank(&self.outside_ms, 0.5),
             "outside_p99_ms": nearest_rank(&self.outside_ms, 0.99),
+            "outside_clock": "pinned maps",
+            "kernel_poll_ms": KERNEL_POLL.as_secs_f64() * 1e3,
+            "gap_ms": GAP.as_secs_f64() * 1e3,
         })
     }
 }
@@ -373,62 +476,4 @@ fn mean_ms(histogram: &Histogram) -> Option<f64> {
 #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
 fn as_f64(n: u64) -> f64 {
     n as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const PAGE: &str = "\
-# HELP egret_programming_latency_seconds From a change's arrival to the kernel.
-# TYPE egret_programming_latency_seconds histogram
-egret_programming_latency_seconds_sum 0.12
-egret_programming_latency_seconds_count 10
-egret_programming_latency_seconds_bucket{le=\"0.005\"} 0
-egret_programming_latency_seconds_bucket{le=\"0.01\"} 4
-egret_programming_latency_seconds_bucket{le=\"0.02\"} 9
-egret_programming_latency_seconds_bucket{le=\"+Inf\"} 10
-egret_reconcile_duration_seconds_count 3
-";
-
-    #[test]
-    fn quantiles_interpolate_within_the_bucket_of_the_rank() {
-        let histogram = Histogram::parse(PAGE, "egret_programming_latency_seconds");
-        assert_eq!(histogram.count, 10);
-        assert_eq!(histogram.buckets.len(), 4);
-        // Rank 5 of 10: the first of five observations in (0.01, 0.02].
-        let (p50, bucket) = histogram.quantile(0.5).unwrap();
-        assert!((p50 - 0.012).abs() < 1e-9, "{p50}");
-        assert_eq!(bucket, (0.01, 0.02));
-        // Rank 9.9: in the +Inf bucket, so only a floor can be said.
-        let (p99, bucket) = histogram.quantile(0.99).unwrap();
-        assert!((p99 - 0.02).abs() < 1e-9 && bucket.1.is_infinite());
-    }
-
-    #[test]
-    fn deltas_count_only_what_came_between_two_scrapes() {
-        let before = Histogram::parse(PAGE, "egret_programming_latency_seconds");
-        let after = Histogram::parse(
-            &PAGE
-                .replace("count 10", "count 11")
-                .replace("0.12", "0.15")
-                .replace("\"0.02\"} 9", "\"0.02\"} 10")
-                .replace("\"+Inf\"} 10", "\"+Inf\"} 11"),
-            "egret_programming_latency_seconds",
-        );
-        let delta = after.since(&before);
-        assert_eq!(delta.count, 1);
-        assert_eq!(
-            delta.buckets,
-            vec![(0.005, 0), (0.01, 0), (0.02, 1), (f64::INFINITY, 1)]
-        );
-        let (p99, bucket) = delta.quantile(0.99).unwrap();
-        assert_eq!(bucket, (0.01, 0.02));
-        assert!(p99 > 0.01 && p99 <= 0.02);
-        let mut total = Histogram::default();
-        total.add(&delta);
-        total.add(&delta);
-        assert_eq!(total.count, 2);
-        assert_eq!(total.buckets[2], (0.02, 2));
-    }
 }

@@ -186,23 +186,37 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         .filter(|pod| pod.takes_part())
         .collect();
 
-    let keys: Vec<IdentityKey> = peers.iter().map(|pod| IdentityKey::of(pod)).collect();
-    let identity_keys: BTreeSet<&IdentityKey> = keys.iter().collect();
+    // Pods grouped by identity through a hash (a deployment's replicas share their label
+    // map, so equal keys compare at once); only the distinct keys are ordered.
+    let mut distinct: HashMap<IdentityKey, usize> = HashMap::new();
+    let pod_keys: Vec<usize> = peers
+        .iter()
+        .map(|pod| {
+            let next = distinct.len();
+            *distinct.entry(IdentityKey::of(pod)).or_insert(next)
+        })
+        .collect();
+    let mut identity_keys: Vec<(IdentityKey, usize)> = distinct.into_iter().collect();
+    identity_keys.sort_unstable();
     compiled.ids.identities = previous
         .identities
-        .reassign(identity_keys.iter().map(|key| (*key).clone()), 1);
+        .reassign(identity_keys.iter().map(|(key, _)| key.clone()), 1);
+    let mut numbers = vec![0; identity_keys.len()];
+    for (key, index) in &identity_keys {
+        numbers[*index] = compiled.ids.identities.id(key);
+    }
     let identities = IdentityIndex::new(
         snapshot,
         identity_keys
             .iter()
-            .map(|key| (compiled.ids.identities.id(key), *key))
+            .map(|(key, index)| (numbers[*index], key))
             .collect(),
     );
     // The first pod (by namespace/name) that claims an address keeps it, as
     // `Snapshot::pod_by_ip` does.
     let mut owners: BTreeMap<IpAddr, &Pod> = BTreeMap::new();
-    for (pod, key) in peers.iter().zip(&keys) {
-        let identity = compiled.ids.identities.id(key);
+    for (pod, key) in peers.iter().zip(&pod_keys) {
+        let identity = numbers[*key];
         for ip in &pod.ips {
             if owners.contains_key(ip) {
                 compiled.address_conflicts.push((pod.key(), *ip));

@@ -186,37 +186,18 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
         .filter(|pod| pod.takes_part())
         .collect();
 
-    // Pods grouped by identity through a hash (a deployment's replicas share their label
-    // map, so equal keys compare at once); only the distinct keys are ordered.
-    let mut distinct: HashMap<IdentityKey, usize> = HashMap::new();
-    let pod_keys: Vec<usize> = peers
-        .iter()
-        .map(|pod| {
-            let next = distinct.len();
-            *distinct.entry(IdentityKey::of(pod)).or_insert(next)
-        })
-        .collect();
-    let mut identity_keys: Vec<(IdentityKey, usize)> = distinct.into_iter().collect();
-    identity_keys.sort_unstable();
-    compiled.ids.identities = previous
-        .identities
-        .reassign(identity_keys.iter().map(|(key, _)| key.clone()), 1);
-    let mut numbers = vec![0; identity_keys.len()];
-    for (key, index) in &identity_keys {
-        numbers[*index] = compiled.ids.identities.id(key);
-    }
+    let (identity_keys, pod_identities) = number_identities(&mut compiled, previous, &peers);
     let identities = IdentityIndex::new(
         snapshot,
         identity_keys
             .iter()
-            .map(|(key, index)| (numbers[*index], key))
+            .map(|key| (compiled.ids.identities.id(key), key))
             .collect(),
     );
     // The first pod (by namespace/name) that claims an address keeps it, as
     // `Snapshot::pod_by_ip` does.
     let mut owners: BTreeMap<IpAddr, &Pod> = BTreeMap::new();
-    for (pod, key) in peers.iter().zip(&pod_keys) {
-        let identity = numbers[*key];
+    for (pod, identity) in peers.iter().zip(pod_identities) {
         for ip in &pod.ips {
             if owners.contains_key(ip) {
                 compiled.address_conflicts.push((pod.key(), *ip));
@@ -290,6 +271,36 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, previous: &Ids) -> Compiled {
     domains::add(&mut compiled, &previous.domains, &ranked);
     compiled.tables.tier_rules = ranked.rules;
     compiled
+}
+
+/// Numbers the identities of `peers` into `compiled.ids`. Returns the distinct
+/// identities, ordered, and each peer's identity number.
+fn number_identities(
+    compiled: &mut Compiled,
+    previous: &Ids,
+    peers: &[&Pod],
+) -> (Vec<IdentityKey>, Vec<u32>) {
+    // Pods grouped through a hash (a deployment's replicas share their label map, so
+    // equal keys compare at once); only the distinct keys are ordered.
+    let mut distinct: HashMap<IdentityKey, usize> = HashMap::new();
+    let pod_keys: Vec<usize> = peers
+        .iter()
+        .map(|pod| {
+            let next = distinct.len();
+            *distinct.entry(IdentityKey::of(pod)).or_insert(next)
+        })
+        .collect();
+    let mut keys: Vec<(IdentityKey, usize)> = distinct.into_iter().collect();
+    keys.sort_unstable();
+    compiled.ids.identities = previous
+        .identities
+        .reassign(keys.iter().map(|(key, _)| key.clone()), 1);
+    let mut numbers = vec![0; keys.len()];
+    for (key, index) in &keys {
+        numbers[*index] = compiled.ids.identities.id(key);
+    }
+    let pod_numbers = pod_keys.into_iter().map(|index| numbers[index]).collect();
+    (keys.into_iter().map(|(key, _)| key).collect(), pod_numbers)
 }
 
 /// What makes a table: the policies selecting its endpoints for egress, and the

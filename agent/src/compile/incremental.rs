@@ -159,8 +159,10 @@ impl Compiler {
     ) -> Moved {
         let mut candidates: BTreeSet<IdentityKey> = BTreeSet::new();
         let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
-        // Pods that now take part, numbered once the identities are.
-        let mut joined: Vec<(Arc<ObjectKey>, IdentityKey, Box<[IpAddr]>)> = Vec::new();
+        // Pods that now take part, numbered once the identities are; their identities
+        // held once each (the first compile sees every pod of the cluster here).
+        let mut joined: Vec<(Arc<ObjectKey>, usize, Box<[IpAddr]>)> = Vec::new();
+        let mut joined_identities: HashMap<IdentityKey, usize> = HashMap::new();
         for key in changed {
             let now = snapshot
                 .pods
@@ -173,37 +175,20 @@ impl Compiler {
             {
                 continue;
             }
-            if let Some((key, before)) = self.pods.remove_entry(key) {
-                let identity = self.identity_keys[&before.identity].clone();
-                if let Some(count) = self.identity_pods.get_mut(&identity) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.identity_pods.remove(&identity);
-                    }
-                }
-                for ip in &before.ips {
-                    if let Some(claimants) = self.claims.get_mut(ip) {
-                        claimants.retain(|claimant| *claimant != key);
-                        if claimants.is_empty() {
-                            self.claims.remove(ip);
-                        }
-                    }
-                    touched.insert(*ip);
-                }
+            if let Some(identity) = self.release(key, &mut touched) {
                 candidates.insert(identity);
             }
             if let Some((identity, ips)) = now {
-                let key = Arc::new(key.clone());
-                *self.identity_pods.entry(identity.clone()).or_default() += 1;
-                for ip in &ips {
-                    let claimants = self.claims.entry(*ip).or_default();
-                    if let Err(at) = claimants.binary_search(&key) {
-                        claimants.insert(at, Arc::clone(&key));
-                    }
-                    touched.insert(*ip);
-                }
-                candidates.insert(identity.clone());
-                joined.push((key, identity, ips));
+                let key = self.claim(key, &identity, &ips, &mut touched);
+                let next = joined_identities.len();
+                let index = if let Some(index) = joined_identities.get(&identity) {
+                    *index
+                } else {
+                    candidates.insert(identity.clone());
+                    joined_identities.insert(identity, next);
+                    next
+                };
+                joined.push((key, index, ips));
             }
         }
         let allocator = &mut self.compiled.ids.identities;
@@ -220,13 +205,79 @@ impl Compiler {
         for key in &added {
             self.identity_keys.insert(allocator.id(key), key.clone());
         }
-        for (key, identity, ips) in joined {
-            let identity = allocator.id(&identity);
-            self.pods.insert(key, PodFacts { identity, ips });
+        let mut numbers = vec![0; joined_identities.len()];
+        for (identity, index) in joined_identities {
+            numbers[index] = allocator.id(&identity);
+        }
+        for (key, index, ips) in joined {
+            self.pods.insert(
+                key,
+                PodFacts {
+                    identity: numbers[index],
+                    ips,
+                },
+            );
         }
 
+        self.settle_addresses(&touched);
+        Moved {
+            identities: removed.into_iter().chain(added).collect(),
+            addresses: touched,
+        }
+    }
+
+    /// Forgets what pod `key` took part with: its identity's count and the addresses
+    /// it claimed (added to `touched`). Returns its identity.
+    fn release(&mut self, key: &ObjectKey, touched: &mut BTreeSet<IpAddr>) -> Option<IdentityKey> {
+        let (key, before) = self.pods.remove_entry(key)?;
+        let identity = self.identity_keys[&before.identity].clone();
+        if let Some(count) = self.identity_pods.get_mut(&identity) {
+            *count -= 1;
+            if *count == 0 {
+                self.identity_pods.remove(&identity);
+            }
+        }
+        for ip in &before.ips {
+            if let Some(claimants) = self.claims.get_mut(ip) {
+                claimants.retain(|claimant| *claimant != key);
+                if claimants.is_empty() {
+                    self.claims.remove(ip);
+                }
+            }
+            touched.insert(*ip);
+        }
+        Some(identity)
+    }
+
+    /// Counts pod `key` under `identity` and claims its addresses (added to
+    /// `touched`). Returns the key, shared.
+    fn claim(
+        &mut self,
+        key: &ObjectKey,
+        identity: &IdentityKey,
+        ips: &[IpAddr],
+        touched: &mut BTreeSet<IpAddr>,
+    ) -> Arc<ObjectKey> {
+        let key = Arc::new(key.clone());
+        if let Some(count) = self.identity_pods.get_mut(identity) {
+            *count += 1;
+        } else {
+            self.identity_pods.insert(identity.clone(), 1);
+        }
+        for ip in ips {
+            let claimants = self.claims.entry(*ip).or_default();
+            if let Err(at) = claimants.binary_search(&key) {
+                claimants.insert(at, Arc::clone(&key));
+            }
+            touched.insert(*ip);
+        }
+        key
+    }
+
+    /// Writes the identity of each touched address's owner (or removes the address).
+    fn settle_addresses(&mut self, touched: &BTreeSet<IpAddr>) {
         let table = &mut self.compiled.tables.identities;
-        for ip in &touched {
+        for ip in touched {
             let claimants = self.claims.get(ip);
             if claimants.is_some_and(|c| c.len() > 1) {
                 self.contested.insert(*ip);
@@ -245,10 +296,6 @@ impl Compiler {
         }
         if !touched.is_empty() {
             self.compiled.address_conflicts = self.address_conflicts();
-        }
-        Moved {
-            identities: removed.into_iter().chain(added).collect(),
-            addresses: touched,
         }
     }
 

@@ -56,15 +56,21 @@ impl KernelImage {
                 image.cgroup_endpoints.insert(*cgroup, endpoint);
             }
         }
-        for (ip, identity) in &tables.identities {
-            image.identities.insert(ip_key(*ip), *identity);
-        }
-        for ((table, net), class) in &tables.cidrs {
-            image.cidrs.insert(cidr_key(*table, *net), *class);
-        }
-        for (key, allowance) in &tables.policy {
-            image.policy.insert(policy_key(key), allowance.value);
-        }
+        image.identities = tables
+            .identities
+            .iter()
+            .map(|(ip, identity)| (ip_key(*ip), *identity))
+            .collect();
+        image.cidrs = tables
+            .cidrs
+            .iter()
+            .map(|((table, net), class)| (cidr_key(*table, *net), *class))
+            .collect();
+        image.policy = tables
+            .policy
+            .iter()
+            .map(|(key, allowance)| (policy_key(key), allowance.value))
+            .collect();
         for ((table, pattern), entry) in &tables.domains {
             image.dns_names.insert(
                 NameKey {
@@ -153,22 +159,62 @@ impl<K, V> Diff<K, V> {
     }
 }
 
+/// One walk over both maps in key order (a lookup per key would cost a tree descent
+/// each: the identity table holds every pod address of the cluster).
 #[must_use]
 pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
     held: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
 ) -> Diff<K, V> {
-    let upserts = desired
-        .iter()
-        .filter(|(key, value)| held.get(key) != Some(value))
-        .map(|(key, value)| (*key, *value))
-        .collect();
-    let removals = held
-        .keys()
-        .filter(|key| !desired.contains_key(key))
-        .copied()
-        .collect();
+    use std::cmp::Ordering;
+    let mut upserts = Vec::new();
+    let mut removals = Vec::new();
+    let mut held = held.iter().peekable();
+    let mut desired = desired.iter().peekable();
+    loop {
+        match (held.peek(), desired.peek()) {
+            (None, None) => break,
+            (Some((key, _)), None) => {
+                removals.push(**key);
+                held.next();
+            }
+            (None, Some((key, value))) => {
+                upserts.push((**key, **value));
+                desired.next();
+            }
+            (Some((held_key, held_value)), Some((key, value))) => match held_key.cmp(key) {
+                Ordering::Less => {
+                    removals.push(**held_key);
+                    held.next();
+                }
+                Ordering::Greater => {
+                    upserts.push((**key, **value));
+                    desired.next();
+                }
+                Ordering::Equal => {
+                    if held_value != value {
+                        upserts.push((**key, **value));
+                    }
+                    held.next();
+                    desired.next();
+                }
+            },
+        }
+    }
     Diff { upserts, removals }
+}
+
+/// How many keys of `held` `desired` lacks (what an apply keeps until its removals).
+fn missing_from<K: Ord, V, W>(held: &BTreeMap<K, V>, desired: &BTreeMap<K, W>) -> usize {
+    let mut desired = desired.keys().peekable();
+    let mut missing = 0;
+    for key in held.keys() {
+        while desired.next_if(|d| *d < key).is_some() {}
+        if desired.next_if(|d| *d == key).is_none() {
+            missing += 1;
+        }
+    }
+    missing
 }
 
 /// Room in each table, after what `held` will keep occupying during the next apply
@@ -190,18 +236,8 @@ impl KernelImage {
         loop {
             // What the apply would hold at its fullest: everything desired plus what is
             // held and not yet removed.
-            let policy_peak = self.policy.len()
-                + held
-                    .policy
-                    .keys()
-                    .filter(|k| !self.policy.contains_key(k))
-                    .count();
-            let cidr_peak = self.cidrs.len()
-                + held
-                    .cidrs
-                    .keys()
-                    .filter(|k| !self.cidrs.contains_key(k))
-                    .count();
+            let policy_peak = self.policy.len() + missing_from(&held.policy, &self.policy);
+            let cidr_peak = self.cidrs.len() + missing_from(&held.cidrs, &self.cidrs);
             if policy_peak <= capacity.policy && cidr_peak <= capacity.cidrs {
                 break;
             }
@@ -235,5 +271,36 @@ impl KernelImage {
             }
         }
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::{diff, missing_from};
+
+    proptest! {
+        #[test]
+        fn a_diff_turns_held_into_desired_and_writes_only_what_differs(
+            held in proptest::collection::btree_map(0u8..40, 0u8..3, 0..30),
+            desired in proptest::collection::btree_map(0u8..40, 0u8..3, 0..30),
+        ) {
+            let change = diff(&held, &desired);
+            let mut applied: BTreeMap<u8, u8> = held.clone();
+            for (key, value) in &change.upserts {
+                prop_assert_ne!(held.get(key), Some(value), "{} rewritten unchanged", key);
+                applied.insert(*key, *value);
+            }
+            for key in &change.removals {
+                prop_assert!(!desired.contains_key(key));
+                applied.remove(key);
+            }
+            prop_assert_eq!(&applied, &desired);
+            let missing = held.keys().filter(|k| !desired.contains_key(k)).count();
+            prop_assert_eq!(missing_from(&held, &desired), missing);
+        }
     }
 }

@@ -6,7 +6,7 @@
 //!    which table holds its rules. Pods selected by the same policies (the replicas
 //!    of a deployment) share one table, so 100 replicas under a 10k-CIDR policy hold
 //!    10k entries, not 1M.
-//! 2. `IDENTITY_V1[destination]` -> pod identity: every pod in the cluster, by address.
+//! 2. `IDENTITY_V2[destination]` -> pod identity: every pod in the cluster, by address.
 //!    Pods that share namespace, labels and named ports share one identity, so a pod
 //!    joining a large namespace is one write here and nothing per local pod.
 //! 3. `CIDR_V2[(table, destination)]` -> CIDR class: the table's ipBlocks (with
@@ -19,7 +19,11 @@ pub mod names {
     pub const ENDPOINT: &str = "ENDPOINT_V2";
     /// cgroup id (of the pod's cgroup) -> endpoint, for `--attach cgroup`.
     pub const ENDPOINT_CGROUP: &str = "ENDPOINT_CG_V2";
-    pub const IDENTITY: &str = "IDENTITY_V1";
+    /// Address -> identity, numbered as the policy keys are. `_V2` though its layout
+    /// is that of `IDENTITY_V1`: an upgraded agent numbers identities afresh, and the
+    /// earlier layouts' programs, which run until the links are swapped, must keep
+    /// finding the numbers their own policy table (`POLICY_V1`, `POLICY_V2`) is keyed by.
+    pub const IDENTITY: &str = "IDENTITY_V2";
     /// `(table, network)` -> CIDR class.
     pub const CIDR: &str = "CIDR_V2";
     /// `(table, identity or class, protocol, port)` -> [`super::PolicyValue`]: what
@@ -54,7 +58,7 @@ pub mod names {
     pub const DNS_STATS: &str = "DNS_STATS_V1";
     /// Maps of earlier layouts that an upgraded agent takes over and then removes
     /// (the endpoint-keyed tables went when tables became shared by pods).
-    pub const LEGACY: [&str; 10] = [
+    pub const LEGACY: [&str; 11] = [
         "CONNTRACK_V1",
         "COUNTERS_V1",
         "SETTINGS_V1",
@@ -65,6 +69,7 @@ pub mod names {
         "ENDPOINT_CG_V1",
         "CIDR_V1",
         "POLICY_V2",
+        "IDENTITY_V1",
     ];
     /// The single-table conntrack of the first layout (a [`super::FlowKey`] ->
     /// [`super::LegacyFlowState`] LRU), migrated into the new tables on upgrade.

@@ -21,7 +21,7 @@ static ENDPOINT_V2: HashMap<u32, Endpoint> = HashMap::pinned(capacity::ENDPOINTS
 static ENDPOINT_CG_V2: HashMap<u64, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 #[map]
-static IDENTITY_V1: HashMap<IpKey, u32> = HashMap::pinned(capacity::IDENTITIES, 0);
+static IDENTITY_V2: HashMap<IpKey, u32> = HashMap::pinned(capacity::IDENTITIES, 0);
 
 #[map]
 static CIDR_V2: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
@@ -76,7 +76,7 @@ pub fn settings() -> &'static Settings {
 
 pub fn identity(addr: &[u8; 16]) -> Option<u32> {
     // SAFETY: u32 values are written whole.
-    unsafe { IDENTITY_V1.get(&IpKey { addr: *addr }) }.copied()
+    unsafe { IDENTITY_V2.get(&IpKey { addr: *addr }) }.copied()
 }
 
 pub fn cidr_class(table: u32, addr: &[u8; 16]) -> Option<u32> {

@@ -35,6 +35,13 @@ pub enum Discovery {
 }
 
 impl Discovery {
+    /// Forgets what interfaces were found: the node's links or routes changed.
+    pub fn forget(&self) {
+        if let Discovery::Interfaces(resolver) = self {
+            resolver.forget();
+        }
+    }
+
     /// Interface discovery through a route netlink socket in this network namespace.
     ///
     /// # Errors

@@ -94,10 +94,10 @@ impl Reconciler {
                 }
                 update = updates.recv() => {
                     let Some(update) = update else { return };
-                    let mut changed = self.absorb(update);
+                    let mut changed = self.take(update);
                     // Whatever else has already arrived joins this reconcile.
                     while let Ok(update) = updates.try_recv() {
-                        changed |= self.absorb(update);
+                        changed |= self.take(update);
                     }
                     if changed {
                         let now = Instant::now();
@@ -107,6 +107,8 @@ impl Reconciler {
                     }
                 }
                 _ = resync_timer.tick() => {
+                    // The resync looks at the node afresh, whatever netlink said.
+                    self.discovery.forget();
                     if self.pending_sources.is_empty() || !self.snapshot.pods.is_empty() {
                         self.reconcile().await;
                         last_reconcile = Some(Instant::now());
@@ -156,6 +158,15 @@ impl Reconciler {
             self.writer.retire_legacy_maps();
             self.recorder.ready();
         }
+    }
+
+    /// Takes one update in; true when a reconcile is due.
+    fn take(&mut self, update: Update) -> bool {
+        if matches!(update, Update::Poke { .. }) {
+            // A pod's link or route changed: its interface must be looked up again.
+            self.discovery.forget();
+        }
+        self.absorb(update)
     }
 
     /// Applies an update to the snapshot; true when a reconcile is due.

@@ -50,6 +50,10 @@ pub struct PodInterface {
 
 pub struct Resolver {
     handle: Handle,
+    /// What each pod's addresses resolved to, kept until the node's links or routes
+    /// change (`forget`): a reconcile for a policy or a remote pod asks the kernel
+    /// nothing about the local pods' interfaces.
+    found: std::sync::Mutex<BTreeMap<ObjectKey, (Vec<IpAddr>, PodInterface)>>,
 }
 
 impl Resolver {
@@ -60,7 +64,30 @@ impl Resolver {
     pub fn new() -> Result<Self, InterfaceError> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            found: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Forgets what was resolved: the next `resolve` asks the kernel again.
+    pub fn forget(&self) {
+        self.found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The pod's interface as last resolved, if its addresses are the same.
+    fn known(&self, pod: &ObjectKey, ips: &[IpAddr]) -> Option<PodInterface> {
+        let found = self
+            .found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        found
+            .get(pod)
+            .filter(|(known_ips, _)| known_ips == ips)
+            .map(|(_, interface)| interface.clone())
     }
 
     /// The interface of every pod whose route can be found; the others are reported.
@@ -72,29 +99,45 @@ impl Resolver {
         let mut owners: BTreeMap<u32, ObjectKey> = BTreeMap::new();
         let mut problems = Vec::new();
         for (pod, ips) in pods {
-            match self.pod_ifindex(pod, ips).await {
-                Ok(ifindex) => {
-                    if let Some(first) = owners.get(&ifindex) {
-                        problems.push(InterfaceError::Shared {
-                            first: first.clone(),
-                            second: pod.clone(),
-                            ifindex,
-                        });
-                        found.remove(first);
+            let interface = match self.known(pod, ips) {
+                Some(interface) => interface,
+                None => match self.look_up(pod, ips).await {
+                    Ok(interface) => interface,
+                    Err(problem) => {
+                        problems.push(problem);
                         continue;
                     }
-                    match if_name(ifindex) {
-                        Some(name) => {
-                            owners.insert(ifindex, pod.clone());
-                            found.insert(pod.clone(), PodInterface { ifindex, name });
-                        }
-                        None => problems.push(InterfaceError::NoName { ifindex }),
-                    }
-                }
-                Err(problem) => problems.push(problem),
+                },
+            };
+            if let Some(first) = owners.get(&interface.ifindex) {
+                problems.push(InterfaceError::Shared {
+                    first: first.clone(),
+                    second: pod.clone(),
+                    ifindex: interface.ifindex,
+                });
+                found.remove(first);
+                continue;
             }
+            owners.insert(interface.ifindex, pod.clone());
+            found.insert(pod.clone(), interface);
         }
         (found, problems)
+    }
+
+    /// Asks the kernel for the pod's interface, and remembers the answer.
+    async fn look_up(
+        &self,
+        pod: &ObjectKey,
+        ips: &[IpAddr],
+    ) -> Result<PodInterface, InterfaceError> {
+        let ifindex = self.pod_ifindex(pod, ips).await?;
+        let name = if_name(ifindex).ok_or(InterfaceError::NoName { ifindex })?;
+        let interface = PodInterface { ifindex, name };
+        self.found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pod.clone(), (ips.to_vec(), interface.clone()));
+        Ok(interface)
     }
 
     async fn pod_ifindex(&self, pod: &ObjectKey, ips: &[IpAddr]) -> Result<u32, InterfaceError> {

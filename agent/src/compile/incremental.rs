@@ -132,8 +132,9 @@ impl Compiler {
         &self.compiled
     }
 
-    /// Forgets every cached result; the numbers stay, as previous ones. Returns the
-    /// changes that make the next steps compile everything.
+    /// The changes that make this compile redo everything (every namespace, policy,
+    /// cached table, cluster policy and service; the pods are walked directly). The
+    /// numbers stay, as the previous ones.
     fn start_over(&mut self, snapshot: &Snapshot) -> Changes {
         let mut changes = Changes {
             everything: true,

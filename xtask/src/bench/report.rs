@@ -207,7 +207,11 @@ fn targets(out: &mut String, results: &[Value]) {
         ),
         ("Issue 12, control plane at scale", {
             let mut verdicts = agent_latency::targets(results);
+            verdicts.push(compile_target_within(results, 0.3));
             verdicts.push(memory::target(results));
+            verdicts.push(ip_block_programming_target(results));
+            verdicts.push(pps_target(results));
+            verdicts.push(alternatives_target(results));
             verdicts
         }),
     ];
@@ -790,7 +794,9 @@ fn alternatives_target(results: &[Value]) -> Verdict {
 
 fn latency_target(results: &[Value]) -> Verdict {
     let target = "one change in the kernel ≤ 50 ms p99 at 10k pods";
-    let rows: Vec<&Value> = of(results, "change_latency").collect();
+    let rows: Vec<&Value> = of(results, "change_latency")
+        .filter(|r| u(&r["pods"]) == 10_000)
+        .collect();
     let Some(worst) = rows
         .iter()
         .max_by(|a, b| f(&a["p99_ms"]).total_cmp(&f(&b["p99_ms"])))
@@ -804,6 +810,7 @@ fn latency_target(results: &[Value]) -> Verdict {
     };
     let p99 = f(&worst["p99_ms"]);
     let compile = f(&worst["compile_median_ms"]);
+    let full = f(&worst["full_compile_median_ms"]);
     let total = f(&worst["p50_ms"]);
     Verdict {
         target,
@@ -813,10 +820,10 @@ fn latency_target(results: &[Value]) -> Verdict {
         ),
         met: Some(p99 <= 50.0),
         note: format!(
-            "{}Measured through the library (snapshot → compile → image → apply), not the agent's \
-             event-to-kernel histogram. Recompiling the whole snapshot is {compile:.0} ms of the \
-             {total:.0} ms median; the map writes are 1–2 entries. An incremental compile (only \
-             the policies and identities a change touches) would remove most of it.",
+            "{}Measured through the library (snapshot → incremental compile → image → apply), not \
+             the agent's event-to-kernel histogram (issue 12's rows). The compile of what changed \
+             is {compile:.1} ms of the {total:.1} ms median (the whole snapshot would take \
+             {full:.0} ms); the map writes are 1–2 entries.",
             if p99 <= 50.0 {
                 String::new()
             } else {
@@ -827,7 +834,16 @@ fn latency_target(results: &[Value]) -> Verdict {
 }
 
 fn compile_target(results: &[Value]) -> Verdict {
-    let target = "full compile of 100k pods × 10k policies ≤ 1 s";
+    compile_target_within(results, 1.0)
+}
+
+/// Issue 8 asked for the 100k × 10k full compile within 1 s, issue 12 within 0.3 s.
+fn compile_target_within(results: &[Value], bound: f64) -> Verdict {
+    let target = if bound < 1.0 {
+        "full compile of 100k pods × 10k policies ≤ 0.3 s"
+    } else {
+        "full compile of 100k pods × 10k policies ≤ 1 s"
+    };
     match of(results, "compile_full").find(|r| u(&r["pods"]) == 100_000) {
         Some(r) => {
             let median = f(&r["median_s"]);
@@ -838,11 +854,11 @@ fn compile_target(results: &[Value]) -> Verdict {
                     f(&r["min_s"]),
                     f(&r["max_s"])
                 ),
-                met: Some(median <= 1.0),
-                note: if median <= 1.0 {
-                    format!("{:.0}% of headroom.", (1.0 - median) * 100.0)
+                met: Some(median <= bound),
+                note: if median <= bound {
+                    format!("{:.0}% of headroom.", (bound - median) / bound * 100.0)
                 } else {
-                    format!("Over by {:.0}%.", (median - 1.0) * 100.0)
+                    format!("Over by {:.0}%.", (median - bound) / bound * 100.0)
                 },
             }
         }
@@ -852,6 +868,41 @@ fn compile_target(results: &[Value]) -> Verdict {
             met: None,
             note: "the 100k-pod cluster is not compiled in `--quick`".into(),
         },
+    }
+}
+
+/// A 100k-CIDR policy programmed: the throughput stage's agent start to both pods'
+/// interfaces attached with their tables in, at 100k rules (one policy of 100k
+/// `ipBlock`s), less the same at 10 rules (program load and attach, which every start
+/// pays whatever the policy).
+fn ip_block_programming_target(results: &[Value]) -> Verdict {
+    let target = "a 100k-CIDR policy programmed in ≤ 2 s";
+    let enable = |rules: u64| {
+        of(results, "throughput")
+            .find(|r| r["filter"] == "egret" && u(&r["rules"]) == rules)
+            .and_then(|r| Summary::of(samples(r, "enable_s")))
+            .map(|s| s.median())
+    };
+    let (Some(large), Some(small)) = (enable(100_000), enable(10)) else {
+        return Verdict {
+            target,
+            measured: "—".into(),
+            met: None,
+            note: "not measured: `--quick` runs only 1k rules".into(),
+        };
+    };
+    let programmed = large - small;
+    Verdict {
+        target,
+        measured: format!(
+            "{programmed:.2} s (agent start to enforcing: {large:.2} s at 100k rules, {small:.2} s at 10)"
+        ),
+        met: Some(programmed <= 2.0),
+        note: "From the throughput stage's start-up times (*Throughput through a node*), each the \
+               median of its runs; the difference is what the 100k ipBlocks add: reading the \
+               manifest, compiling (see *Full compile*, huge ipBlock lists) and writing the \
+               entries."
+            .into(),
     }
 }
 
@@ -1384,19 +1435,23 @@ fn latency_table(out: &mut String, results: &[Value]) {
         return;
     }
     out.push_str(
-        "### One change to the kernel (10k pods, 1k policies)\n\nMeasured through the library, \
-         not the agent: the changed object goes into the snapshot, then `compile` of the whole \
-         snapshot, `KernelImage::build`, and `Datapath::apply` (diff plus map writes) on real \
-         pinned maps. Watch delivery and the agent's debounce are not included (the agent's own \
-         event-to-kernel histogram covers those). *policy edit*: a policy selecting a local pod \
+        "### One change to the kernel, through the library\n\nThe changed object goes into the \
+         snapshot, then the incremental compiler is told what changed (as the agent's reconcile \
+         is), `KernelImage::build`, and `Datapath::apply` (diff plus map writes) on real pinned \
+         maps. Watch delivery and the agent's debounce are not included (the agent's own \
+         event-to-kernel histogram, below, covers those). *Full compile* is the whole snapshot \
+         compiled from scratch, timed beside each step and not part of the total; every step \
+         checks that both give the same tables. *policy edit*: a policy selecting a local pod \
          gains or loses a port; *pod join/leave*: a replica of an existing deployment appears \
          or goes on another node.\n\n\
-         | change | runs | p50 | p99 | range | compile (median) | build | apply | entries written |\n|---|---|---|---|---|---|---|---|---|\n",
+         | cluster pods | policies | change | runs | p50 | p99 | range | incremental compile (median) | full compile (median) | build | apply | entries written |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} ms | {:.1} ms | {:.1}–{:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} |",
+            "| {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1}–{:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} |",
+            count(u(&r["pods"])),
+            count(u(&r["policies"])),
             r["change"].as_str().unwrap_or("?").replace('_', " "),
             u(&r["runs"]),
             f(&r["p50_ms"]),
@@ -1404,6 +1459,7 @@ fn latency_table(out: &mut String, results: &[Value]) {
             f(&r["min_ms"]),
             f(&r["max_ms"]),
             f(&r["compile_median_ms"]),
+            f(&r["full_compile_median_ms"]),
             f(&r["build_median_ms"]),
             f(&r["apply_median_ms"]),
             f(&r["entries_median"]),

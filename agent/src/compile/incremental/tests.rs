@@ -237,8 +237,8 @@ fn mismatch(incremental: &Compiled, full: &Compiled) -> String {
 }
 
 proptest! {
-    // 96 sequences of up to 40 batches of up to 3 changes: about 3,000 compared steps.
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    // 160 sequences of 1 to 40 batches of 1 to 3 changes: about 3,000 compared steps.
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
 
     #[test]
     fn incremental_tables_equal_a_full_compile_after_every_step(

@@ -37,7 +37,7 @@ use egret::{
 use egret_common::maps::ENDPOINT_FLAG_DOMAINS;
 use egret_testbed::{
     agent::AgentProcess,
-    dns::{Response, TYPE_A, TYPE_CNAME, wire_name},
+    dns::{DOMAIN_RULES_MANIFESTS as MANIFESTS, Response, TYPE_A, TYPE_CNAME, wire_name},
     frames::{self, TCP},
 };
 use serde_json::json;
@@ -55,33 +55,6 @@ const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 const SYN: u8 = frames::TCP_SYN;
-
-const MANIFESTS: &str = r"
-apiVersion: v1
-kind: Pod
-metadata: {name: me, namespace: t, labels: {app: me}}
-spec: {nodeName: node-1, containers: [{name: c, image: i}]}
-status: {phase: Running, podIP: 10.1.0.1}
----
-apiVersion: policy.networking.k8s.io/v1alpha2
-kind: ClusterNetworkPolicy
-metadata: {name: names}
-spec:
-  tier: Admin
-  priority: 10
-  subject: {namespaces: {}}
-  egress:
-    - name: dns
-      action: Accept
-      to: [{networks: [10.9.0.53/32]}]
-    - name: api
-      action: Accept
-      to: [{domainNames: [api.example.test, '*.svc.example.test']}]
-      protocols: [{tcp: {destinationPort: {number: 443}}}]
-    - name: rest
-      action: Deny
-      to: [{networks: [0.0.0.0/0, '::/0']}]
-";
 
 /// A loaded set of programs under a fresh pin directory, removed on drop, holding the
 /// tables of [`MANIFESTS`] with the pod at ifindex 1.

@@ -19,7 +19,7 @@ use egret::{
 use egret_common::dns::DnsSettings;
 use egret_testbed::{
     agent::AgentProcess,
-    dns::{Response, TYPE_A, TYPE_CNAME, wire_name},
+    dns::{DOMAIN_RULES_MANIFESTS as MANIFESTS, Response, TYPE_A, TYPE_CNAME, wire_name},
     frames::{self, TCP},
 };
 
@@ -29,33 +29,6 @@ const DROP: u32 = 2;
 const LOOPBACK: u32 = 1;
 const ME: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 const RESOLVER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 53);
-
-const MANIFESTS: &str = r"
-apiVersion: v1
-kind: Pod
-metadata: {name: me, namespace: t, labels: {app: me}}
-spec: {nodeName: node-1, containers: [{name: c, image: i}]}
-status: {phase: Running, podIP: 10.1.0.1}
----
-apiVersion: policy.networking.k8s.io/v1alpha2
-kind: ClusterNetworkPolicy
-metadata: {name: names}
-spec:
-  tier: Admin
-  priority: 10
-  subject: {namespaces: {}}
-  egress:
-    - name: dns
-      action: Accept
-      to: [{networks: [10.9.0.53/32]}]
-    - name: api
-      action: Accept
-      to: [{domainNames: [api.example.test, '*.svc.example.test']}]
-      protocols: [{tcp: {destinationPort: {number: 443}}}]
-    - name: rest
-      action: Deny
-      to: [{networks: [0.0.0.0/0, '::/0']}]
-";
 
 struct Bench {
     datapath: Datapath,

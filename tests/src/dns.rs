@@ -10,6 +10,36 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+/// One pod (`t/me`, 10.1.0.1 on node-1) under a ClusterNetworkPolicy that allows its
+/// resolver (10.9.0.53), `api.example.test` and `*.svc.example.test` on TCP 443, and
+/// denies the rest: the tables the kernel tests and the benchmark of domain rules load.
+pub const DOMAIN_RULES_MANIFESTS: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: me, namespace: t, labels: {app: me}}
+spec: {nodeName: node-1, containers: [{name: c, image: i}]}
+status: {phase: Running, podIP: 10.1.0.1}
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: names}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  egress:
+    - name: dns
+      action: Accept
+      to: [{networks: [10.9.0.53/32]}]
+    - name: api
+      action: Accept
+      to: [{domainNames: [api.example.test, '*.svc.example.test']}]
+      protocols: [{tcp: {destinationPort: {number: 443}}}]
+    - name: rest
+      action: Deny
+      to: [{networks: [0.0.0.0/0, '::/0']}]
+";
+
 pub const TYPE_A: u16 = 1;
 pub const TYPE_CNAME: u16 = 5;
 pub const TYPE_AAAA: u16 = 28;

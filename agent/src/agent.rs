@@ -230,6 +230,7 @@ pub async fn run(
             ids_avoiding(datapath.held()),
         ),
         changes: Changes::default(),
+        unrecorded_changes: false,
         problems: Vec::new(),
         pending_sources,
         batch: Vec::new(),

@@ -56,6 +56,8 @@ pub struct Reconciler {
     pub compiler: Compiler,
     /// What changed in the snapshot since the last compile.
     pub changes: Changes,
+    /// The snapshot changed since the admin API's view of it was last refreshed.
+    pub unrecorded_changes: bool,
     /// Problems reported last time, so each is logged when it appears, not every resync.
     pub problems: Vec<String>,
     /// Sources that have not yet delivered a complete view: not ready until empty.
@@ -123,9 +125,10 @@ impl Reconciler {
     async fn reconcile(&mut self) {
         let started = Instant::now();
         self.recorder.reconcile_started();
-        let compiled = self
-            .compiler
-            .compile(&self.snapshot, &std::mem::take(&mut self.changes));
+        let changes = std::mem::take(&mut self.changes);
+        // Kept until a reconcile records it: one whose apply fails records nothing.
+        self.unrecorded_changes |= !changes.is_empty();
+        let compiled = self.compiler.compile(&self.snapshot, &changes);
         let view = self
             .discovery
             .look(local_pods(&self.snapshot, compiled))
@@ -150,6 +153,7 @@ impl Reconciler {
             change: &change,
             stats,
             received: std::mem::take(&mut self.batch),
+            snapshot_changed: std::mem::take(&mut self.unrecorded_changes),
             started,
         });
         if self.pending_sources.is_empty() && !self.recorder.is_ready() {

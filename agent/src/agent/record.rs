@@ -39,6 +39,9 @@ pub struct Applied<'a> {
     pub stats: ApplyStats,
     /// When each change this reconcile carried reached its source.
     pub received: Vec<Instant>,
+    /// Whether the snapshot changed since the last reconcile (a resync or a node-side
+    /// change leaves it as it was: what is derived from it alone stays).
+    pub snapshot_changed: bool,
     pub started: Instant,
 }
 
@@ -261,16 +264,18 @@ impl Recorder {
             started,
             ..
         } = applied;
-        // Rebuilt in place: a second book beside the first would double its peak (a
-        // name pair for every pod of the cluster).
-        refill_address_owners(
-            &mut self
-                .live
-                .addresses
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            snapshot,
-        );
+        // Rebuilt in place, and only when the snapshot changed: it names every pod of
+        // the cluster, and a resync of an idle agent should cost nothing.
+        if applied.snapshot_changed {
+            refill_address_owners(
+                &mut self
+                    .live
+                    .addresses
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                snapshot,
+            );
+        }
         self.live
             .tier_rules
             .write()
